@@ -1,0 +1,1 @@
+"""Export of trained CSC-CTRL models to inference graphs."""

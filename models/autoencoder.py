@@ -1,0 +1,128 @@
+"""The multi-stage CSC-CTRL autoencoder: a cascade of CSC layers and the synthesis back through them."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CSCConfig
+from .layer import CSCLayer, _is_exporting
+
+
+class CSCAutoencoder(nn.Module):
+    r"""Multi-stage convolutional sparse coding autoencoder (the encoder and decoder of CSC-CTRL).
+
+    Encoder ``f``: stage ``l`` solves a Lasso over its dictionary ``D_l`` for the codes ``z_{l-1}`` of the
+    stage before (``z_0`` is the image less ``input_mean``):
+
+        z_l = FISTA_{num_steps_l}( argmin_z 0.5 ||z_{l-1} - D_l z||^2 + lmbda_l * lmbda_scale * ||z||_1 )
+
+    Decoder ``g``: the synthesis back through the same dictionaries, ``g(z_L) = D_1 D_2 ... D_L z_L`` (plus
+    ``input_mean``). Nothing sits between stages, so ``decode`` inverts exactly what ``encode`` models.
+
+    Images are float tensors ``(B, C, H, W)`` of any size; they are padded (edge replication) to a multiple
+    of ``config.total_stride`` and results are cropped back. ``lmbda_scale`` (``None``, a float, or a tensor
+    of shape ``(B,)``) multiplies every stage's threshold per sample; 1.0 is the trained sparsity.
+    """
+
+    def __init__(self, config: CSCConfig):
+        super().__init__()
+        self.config = config
+        self.stages = nn.ModuleList(
+            CSCLayer(
+                in_channels=config.stage_in_channels(i),
+                num_atoms=stage.num_atoms,
+                kernel_size=stage.kernel_size,
+                stride=stage.stride,
+                lmbda=stage.lmbda,
+                num_steps=stage.num_steps,
+                padding_mode=config.padding_mode,
+                nonnegative=config.nonnegative,
+                mu=stage.mu,
+            )
+            for i, stage in enumerate(config.stages)
+        )
+        mean = torch.tensor(config.input_mean or [0.0] * config.in_channels).view(1, -1, 1, 1)
+        self.register_buffer("input_mean", mean, persistent=False)
+
+    # ----------------------------------------------------------------------------- upkeep
+    def normalize_dictionaries(self) -> None:
+        """Project every atom onto the unit sphere (after an optimizer step)."""
+        for stage in self.stages:
+            stage.normalize_dictionary()
+
+    def update_step_sizes(self, num_iters: int | None = None) -> list[float]:
+        """Refresh every stage's Lipschitz constant (after the dictionaries changed)."""
+        return [stage.update_step_size(num_iters) for stage in self.stages]
+
+    def ensure_step_sizes(self) -> list[float]:
+        """Refresh the step sizes of stages whose dictionary changed since they were computed."""
+        return [stage.ensure_step_size() for stage in self.stages]
+
+    # ----------------------------------------------------------------------------- shapes
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if not _is_exporting():
+            c = self.config.in_channels
+            if x.dim() != 4 or x.shape[1] != c:
+                raise ValueError(f"expected images of shape (B, {c}, H, W), got {tuple(x.shape)}")
+            if x.shape[-1] == 0 or x.shape[-2] == 0:
+                raise ValueError(f"images must have at least one pixel, got {tuple(x.shape)}")
+        s = self.config.total_stride
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % s, (-w) % s
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        return x
+
+    # ----------------------------------------------------------------------------- the model
+    def encode(
+        self,
+        x: torch.Tensor,
+        lmbda_scale: torch.Tensor | float | None = None,
+        all_stages: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Last-stage codes ``(B, K_L, ceil(H/S), ceil(W/S))``, or with ``all_stages`` every stage's codes."""
+        z = self._pad(x) - self.input_mean.to(x.dtype)
+        codes = []
+        for stage in self.stages:
+            z = stage.encode(z, lmbda_scale)  # (B, K_l, H/s_1.../s_l, W/...)
+            codes.append(z)
+        return codes if all_stages else z
+
+    def decode(self, codes: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Images from last-stage codes: ``(B, K_L, h, w) -> (B, C, h*S, w*S)``, cropped to ``output_size``."""
+        if not _is_exporting():
+            k = self.config.code_channels
+            if codes.dim() != 4 or codes.shape[1] != k:
+                raise ValueError(f"expected codes of shape (B, {k}, h, w), got {tuple(codes.shape)}")
+        x = codes
+        for stage in reversed(self.stages):
+            x = stage.decode(x)
+        x = x + self.input_mean.to(x.dtype)
+        if output_size is not None:
+            x = x[..., : output_size[0], : output_size[1]]
+        return x
+
+    def reconstruct(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        """``decode(encode(x))`` at the size of ``x``."""
+        return self.decode(self.encode(x, lmbda_scale), output_size=tuple(x.shape[-2:]))
+
+    def forward(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        return self.reconstruct(x, lmbda_scale)
+
+    # ----------------------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``; returns the weights' sha256."""
+        from .serialization import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, map_location: str = "cpu") -> CSCAutoencoder:
+        """Load a model directory, or a bundled model by name (``csc-ctrl-rgb``)."""
+        from .serialization import load_pretrained
+
+        return load_pretrained(name_or_path, map_location=map_location)

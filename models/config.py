@@ -1,0 +1,131 @@
+"""The architecture of a CSC-CTRL model, saved beside its weights as ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .layer import PADDING_MODES
+
+
+class ConfigError(ValueError):
+    """A configuration that does not describe a valid model."""
+
+
+def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One encoder stage: a dictionary of ``num_atoms`` atoms and its FISTA solve."""
+
+    num_atoms: int
+    kernel_size: int
+    stride: int = 1
+    lmbda: float = 0.1
+    num_steps: int = 2
+    mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_int("num_atoms", self.num_atoms, 1)
+        _check_int("kernel_size", self.kernel_size, 1)
+        _check_int("stride", self.stride, 1)
+        _check_int("num_steps", self.num_steps, 1)
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.stride > self.kernel_size:
+            raise ConfigError(f"stride {self.stride} is larger than kernel_size {self.kernel_size}")
+        _check_float("lmbda", self.lmbda)
+        _check_float("mu", self.mu)
+
+
+@dataclass(frozen=True)
+class CSCConfig:
+    """Architecture of a multi-stage CSC autoencoder.
+
+    Stage ``l`` sparse-codes the codes of stage ``l - 1`` (the image for ``l = 0``), so its input channels are
+    the previous stage's ``num_atoms``. Images are floats in ``value_range``; ``input_mean`` (one value per
+    channel, optional) is subtracted before encoding and added back after decoding. ``provenance`` is free-form
+    metadata (data, command, date) kept with the weights.
+    """
+
+    in_channels: int = 3
+    stages: tuple[StageConfig, ...] = (StageConfig(num_atoms=32, kernel_size=7, stride=1),)
+    nonnegative: bool = True
+    padding_mode: str = "zeros"
+    value_range: tuple[float, float] = (0.0, 1.0)
+    input_mean: tuple[float, ...] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        _check_int("in_channels", self.in_channels, 1)
+        stages = tuple(s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages)
+        if not stages:
+            raise ConfigError("a model needs at least one stage")
+        object.__setattr__(self, "stages", stages)
+        if self.padding_mode not in PADDING_MODES:
+            raise ConfigError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
+        if not isinstance(self.nonnegative, bool):
+            raise ConfigError(f"nonnegative must be true or false, got {self.nonnegative!r}")
+        low, high = (float(v) for v in self.value_range)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ConfigError(f"value_range must be two finite numbers, low < high, got {self.value_range}")
+        object.__setattr__(self, "value_range", (low, high))
+        if self.input_mean is not None:
+            mean = tuple(float(v) for v in self.input_mean)
+            if len(mean) != self.in_channels or not all(map(math.isfinite, mean)):
+                raise ConfigError(f"input_mean needs {self.in_channels} finite values, got {self.input_mean}")
+            object.__setattr__(self, "input_mean", mean)
+        if not isinstance(self.provenance, dict):
+            raise ConfigError("provenance must be a mapping")
+
+    @property
+    def total_stride(self) -> int:
+        """Images are padded to a multiple of this; the last-stage codes are this much smaller."""
+        return math.prod(s.stride for s in self.stages)
+
+    @property
+    def code_channels(self) -> int:
+        return self.stages[-1].num_atoms
+
+    def stage_in_channels(self, index: int) -> int:
+        return self.in_channels if index == 0 else self.stages[index - 1].num_atoms
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["stages"] = [dataclasses.asdict(s) for s in self.stages]
+        out["value_range"] = list(self.value_range)
+        if self.input_mean is not None:
+            out["input_mean"] = list(self.input_mean)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CSCConfig:
+        """Build a config from ``to_dict`` output; unknown or malformed fields raise ``ConfigError``."""
+        if not isinstance(data, dict):
+            raise ConfigError("the architecture must be a JSON object")
+        _reject_unknown(cls, data, "architecture")
+        stages = data.get("stages")
+        if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+            raise ConfigError("'stages' must be a list of objects")
+        for i, stage in enumerate(stages):
+            _reject_unknown(StageConfig, stage, f"stage {i}")
+        try:
+            return cls(**{**data, "stages": tuple(StageConfig(**s) for s in stages)})
+        except TypeError as err:  # a required field is missing
+            raise ConfigError(str(err)) from None

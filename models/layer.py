@@ -1,0 +1,284 @@
+"""One convolutional sparse coding layer: a learned dictionary and an unrolled FISTA encoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PADDING_MODES = ("zeros", "circular")
+
+
+def fista_momentum(num_steps: int) -> list[float]:
+    """Momentum coefficients ``beta_k = (t_k - 1) / t_{k+1}`` for steps ``k = 1 .. num_steps``.
+
+    ``t_1 = 1`` and ``t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2``. They depend only on the step index, so the
+    unrolled graph holds them as constants.
+    """
+    betas, t = [], 1.0
+    for _ in range(num_steps):
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        betas.append((t - 1.0) / t_next)
+        t = t_next
+    return betas
+
+
+def _is_exporting() -> bool:
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+    )
+
+
+def _fold_circular(y: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+    """Adjoint of circular padding by ``pad`` on both sides of ``dim``: wrap the borders back and add.
+
+    Needs at least ``2 * pad`` samples between the borders (``CSCLayer`` checks image sizes).
+    """
+    if pad == 0:
+        return y
+    size = y.shape[dim] - 2 * pad
+    left, middle, right = y.narrow(dim, 0, pad), y.narrow(dim, pad, size), y.narrow(dim, pad + size, pad)
+    # The right border holds copies of the first `pad` samples, the left border of the last `pad`.
+    head = middle.narrow(dim, 0, pad) + right
+    tail = middle.narrow(dim, size - pad, pad) + left
+    return torch.cat([head, middle.narrow(dim, pad, size - 2 * pad), tail], dim=dim)
+
+
+class CSCLayer(nn.Module):
+    r"""Convolutional sparse coding with a learned dictionary, encoded by ``num_steps`` FISTA steps.
+
+    The dictionary ``D`` holds ``num_atoms`` filters of shape ``(in_channels, kernel_size, kernel_size)``.
+    Synthesis is a true convolution of each code map with its atom, summed over atoms, with stride ``s``:
+
+        decode(z) = conv_transpose2d(z, D, stride=s)        # (B, K, H/s, W/s) -> (B, C, H, W)
+
+    and analysis ``D^T x = conv2d(x, D, stride=s)`` is its exact adjoint for both boundaries
+    (``"zeros"``: the image is zero outside its support; ``"circular"``: the image is periodic).
+
+    ``encode`` solves the elastic-net Lasso
+
+        min_z  0.5 * ||x - D z||^2 + lmbda * ||z||_1 + mu / 2 * ||z||^2      (and z >= 0 if nonnegative)
+
+    with FISTA, step size ``eta = 1 / (L + mu)`` where ``L = ||D^T D||_2``:
+
+        z_k     = prox_{eta * lmbda}( (1 - eta * mu) * y_k - eta * D^T D y_k + eta * D^T x )
+        y_{k+1} = z_k + beta_k * (z_k - z_{k-1})
+
+    from ``z_0 = y_1 = 0``. ``prox`` is the soft threshold (or ``relu(v - eta * lmbda)`` for
+    non-negative codes). ``eta * D^T x`` is computed once; the momentum ``beta_k`` comes from the step
+    index alone (``fista_momentum``); ``L`` is a buffer refreshed by ``update_step_size`` outside the
+    forward pass, so the unrolled graph has no data-dependent control flow.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_atoms: int,
+        kernel_size: int,
+        stride: int = 1,
+        lmbda: float = 0.1,
+        num_steps: int = 2,
+        padding_mode: str = "zeros",
+        nonnegative: bool = True,
+        mu: float = 0.0,
+    ):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+        if stride < 1 or stride > kernel_size:
+            raise ValueError(f"stride must be between 1 and kernel_size ({kernel_size}), got {stride}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if in_channels < 1 or num_atoms < 1:
+            raise ValueError("in_channels and num_atoms must be positive")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+        if lmbda < 0 or mu < 0:
+            raise ValueError(f"lmbda and mu must be non-negative, got lmbda={lmbda}, mu={mu}")
+        self.in_channels = in_channels
+        self.num_atoms = num_atoms
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.lmbda = float(lmbda)
+        self.num_steps = num_steps
+        self.padding_mode = padding_mode
+        self.nonnegative = nonnegative
+        self.mu = float(mu)
+        self.padding = (kernel_size - 1) // 2
+        # Fine enough to sample the Fourier symbol of D^T D near its peak.
+        self.power_grid = max(32, 4 * -(-kernel_size // stride))
+        self.momentum = fista_momentum(num_steps)
+
+        self.dictionary = nn.Parameter(torch.randn(num_atoms, in_channels, kernel_size, kernel_size))
+        # Largest eigenvalue of D^T D (a bound for every image size); the FISTA step is 1 / (L + mu).
+        # Computed on first use (or loaded with the weights), so building a model to load into is cheap.
+        self.register_buffer("lipschitz", torch.ones(()))
+        # Warm start of the power iteration: one code map on a circular grid of power_grid samples.
+        self.register_buffer("_power_vector", torch.empty(0), persistent=False)
+        self._synced_with: tuple[int, int] | None = None
+        self.normalize_dictionary()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.num_atoms}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"lmbda={self.lmbda}, num_steps={self.num_steps}, padding_mode={self.padding_mode!r}, "
+            f"nonnegative={self.nonnegative}, mu={self.mu}"
+        )
+
+    # ----------------------------------------------------------------------------- dictionary upkeep
+    @torch.no_grad()
+    def normalize_dictionary(self) -> None:
+        """Project every atom onto the unit sphere (call after each optimizer step, then ``update_step_size``)."""
+        norms = self.dictionary.flatten(1).norm(dim=1).clamp_min(1e-12)
+        self.dictionary.div_(norms.view(-1, 1, 1, 1))
+
+    @property
+    def step_size(self) -> torch.Tensor:
+        """The FISTA step ``1 / (L + mu)``."""
+        return 1.0 / (self.lipschitz + self.mu)
+
+    @torch.no_grad()
+    def update_step_size(self, num_iters: int | None = None, margin: float = 0.02) -> float:
+        """Refresh ``L``, the largest eigenvalue of ``decode^T decode``, by power iteration.
+
+        The iteration runs on the circular operator over a ``power_grid`` x ``power_grid`` code grid,
+        whose spectrum samples the Fourier symbol of ``D^T D``; the symbol's supremum bounds ``L`` for
+        every image size and both boundaries. The Rayleigh quotient approaches it from below, so the stored
+        value is raised by ``margin`` (relative). Later calls warm-start from the previous vector, so a few
+        iterations per optimizer step track a changing dictionary.
+        """
+        weight = self.dictionary.detach()
+        n = self.power_grid
+        shape = (1, self.num_atoms, n, n)
+        v = self._power_vector
+        if v.shape != shape or v.dtype != weight.dtype or v.device != weight.device:
+            gen = torch.Generator().manual_seed(0)
+            v = torch.randn(shape, generator=gen, dtype=torch.float64).to(weight)
+            num_iters = num_iters or 300
+        num_iters = num_iters or 30
+        rayleigh = v.new_zeros(())
+        for _ in range(num_iters):
+            v = v / v.norm().clamp_min(1e-30)
+            w = self._gram(v, weight, "circular")
+            rayleigh = (v * w).sum()
+            v = w
+        self._power_vector = v / v.norm().clamp_min(1e-30)
+        self.lipschitz.fill_(float(rayleigh) * (1.0 + margin))
+        self._mark_synced()
+        return float(self.lipschitz)
+
+    def _dictionary_state(self) -> tuple[int, int]:
+        return (self.dictionary.data_ptr(), self.dictionary._version)
+
+    def _mark_synced(self) -> None:
+        self._synced_with = self._dictionary_state()
+
+    def ensure_step_size(self) -> float:
+        """Refresh ``L`` if the dictionary was replaced or changed in place since it was computed (or loaded).
+
+        ``encode`` calls this, so a stale step can never make FISTA diverge; call it before tracing or saving.
+        """
+        if not _is_exporting() and self._synced_with != self._dictionary_state():
+            self.update_step_size()
+        return float(self.lipschitz)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "lipschitz" in state_dict:  # a saved L belongs to the saved dictionary
+            self._mark_synced()
+
+    def _apply(self, fn, recurse=True):
+        synced = self._synced_with == self._dictionary_state()
+        super()._apply(fn, recurse)
+        if synced:  # moving or casting keeps the values, so L still holds
+            self._mark_synced()
+        return self
+
+    # ----------------------------------------------------------------------------- the linear operators
+    def _analysis(self, x: torch.Tensor, weight: torch.Tensor, padding_mode: str) -> torch.Tensor:
+        """``D^T x``: (B, C, H, W) -> (B, K, H/s, W/s)."""
+        p = self.padding
+        if padding_mode == "zeros":
+            return F.conv2d(x, weight, stride=self.stride, padding=p)
+        return F.conv2d(F.pad(x, (p, p, p, p), mode="circular"), weight, stride=self.stride)
+
+    def _synthesis(self, z: torch.Tensor, weight: torch.Tensor, padding_mode: str) -> torch.Tensor:
+        """``D z``: (B, K, H/s, W/s) -> (B, C, H, W), the exact adjoint of ``_analysis``."""
+        p, s = self.padding, self.stride
+        if padding_mode == "zeros":
+            return F.conv_transpose2d(z, weight, stride=s, padding=p, output_padding=s - 1)
+        y = F.conv_transpose2d(z, weight, stride=s, output_padding=s - 1)  # (B, C, H + 2p, W + 2p)
+        return _fold_circular(_fold_circular(y, p, 2), p, 3)
+
+    def _gram(self, z: torch.Tensor, weight: torch.Tensor, padding_mode: str) -> torch.Tensor:
+        return self._analysis(self._synthesis(z, weight, padding_mode), weight, padding_mode)
+
+    def analysis(self, x: torch.Tensor) -> torch.Tensor:
+        """The adjoint of ``decode``: ``D^T x``, (B, C, H, W) -> (B, K, H/s, W/s)."""
+        self._check_image(x)
+        return self._analysis(x, self.dictionary, self.padding_mode)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Synthesis ``D z``: (B, K, H/s, W/s) -> (B, C, H, W)."""
+        return self._synthesis(codes, self.dictionary, self.padding_mode)
+
+    # ----------------------------------------------------------------------------- sparse coding
+    def _check_image(self, x: torch.Tensor) -> None:
+        if _is_exporting():
+            return
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise ValueError(f"height and width must be multiples of the stride {self.stride}, got {h}x{w}")
+        if self.padding_mode == "circular" and min(h, w) < 2 * self.padding:
+            raise ValueError(f"circular boundary needs images of at least {2 * self.padding} pixels per side")
+
+    def threshold(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None) -> torch.Tensor:
+        """Per-sample prox threshold ``eta * lmbda * lmbda_scale``, shape (B, 1, 1, 1)."""
+        base = self.step_size * self.lmbda
+        if lmbda_scale is None:
+            return base.to(x.dtype).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        scale = torch.as_tensor(lmbda_scale, dtype=x.dtype, device=x.device)
+        if not _is_exporting() and (scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, x.shape[0]))):
+            raise ValueError(f"lmbda_scale must be a scalar or have shape ({x.shape[0]},), got {tuple(scale.shape)}")
+        return (base * scale).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+
+    def _prox(self, v: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+        if self.nonnegative:
+            return F.relu(v - thresh)
+        return F.relu(v - thresh) - F.relu(-v - thresh)
+
+    def encode(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Sparse codes of ``x`` after ``num_steps`` FISTA steps: (B, C, H, W) -> (B, K, H/s, W/s)."""
+        self._check_image(x)
+        self.ensure_step_size()
+        return self.fista(x, self.dictionary, self.threshold(x, lmbda_scale))
+
+    def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+        """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, 1, 1, 1)."""
+        mode = self.padding_mode
+        eta = self.step_size.to(x.dtype)
+        shrink = 1.0 - eta * self.mu
+        b = eta * self._analysis(x, weight, mode)  # eta * D^T x, constant across steps
+        z = self._prox(b, thresh)  # step 1 starts from z_0 = y_1 = 0
+        z_prev = z
+        for beta in self.momentum[1:]:
+            y = z + beta * (z - z_prev) if beta else z
+            z_prev = z
+            z = self._prox(shrink * y - eta * self._gram(y, weight, mode) + b, thresh)
+        return z
+
+    def objective(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``0.5 ||x - D z||^2 + lmbda ||z||_1 + mu/2 ||z||^2`` per sample, shape (B,)."""
+        residual = (x - self.decode(codes)).flatten(1)
+        z = codes.flatten(1)
+        return 0.5 * residual.pow(2).sum(1) + self.lmbda * z.abs().sum(1) + 0.5 * self.mu * z.pow(2).sum(1)
+
+    def forward(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        return self.encode(x, lmbda_scale)

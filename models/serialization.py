@@ -1,0 +1,165 @@
+"""A model is a directory: ``config.json`` (architecture, provenance, weights hash) and ``model.safetensors``.
+
+Writes are atomic (temporary file, then rename). Loading checks everything before it returns a model:
+readable JSON, a valid architecture, the weights' sha256, a well-formed safetensors file holding exactly
+the expected tensors with the expected shapes, and finite values. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .autoencoder import CSCAutoencoder
+from .config import ConfigError, CSCConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "csc-ctrl"
+FORMAT_VERSION = 1
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded; the message names the file at fault."""
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped under ``models/pretrained/``."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_NAME).is_file())
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A model directory from a path, or from the name of a bundled model."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: a model is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        return path
+    name = str(name_or_path)
+    if "/" not in name and os.sep not in name and (PRETRAINED_DIR / name / CONFIG_NAME).is_file():
+        return PRETRAINED_DIR / name
+    known = ", ".join(bundled_models()) or "none"
+    raise ModelLoadError(f"{name}: no such model directory or bundled model (bundled: {known})")
+
+
+def save_pretrained(model: CSCAutoencoder, directory: str | os.PathLike) -> str:
+    """Write the model's weights, then its config (which names the weights' sha256). Returns the hash."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.ensure_step_sizes()  # the saved L must belong to the saved dictionaries
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    digest = sha256_file(directory / WEIGHTS_NAME)
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": model.config.to_dict(),
+        "weights_sha256": digest,
+        "torch_version": torch.__version__,
+    }
+    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return digest
+
+
+def read_config(directory: str | os.PathLike) -> tuple[CSCConfig, dict[str, Any]]:
+    """Parse and validate ``config.json``; returns the architecture and the whole document."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing (a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ModelLoadError(f"{path}: not a {FORMAT} model config (no \"format\": \"{FORMAT}\")")
+    if document.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{path}: format_version {document.get('format_version')!r} is not supported "
+            f"(this version reads {FORMAT_VERSION})"
+        )
+    digest = document.get("weights_sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise ModelLoadError(f"{path}: weights_sha256 is missing or malformed")
+    try:
+        config = CSCConfig.from_dict(document.get("architecture"))
+    except ConfigError as err:
+        raise ModelLoadError(f"{path}: {err}") from None
+    return config, document
+
+
+def load_pretrained(name_or_path: str | os.PathLike, map_location: str = "cpu") -> CSCAutoencoder:
+    """Load and verify a model directory (or bundled model name); raises ``ModelLoadError`` on any fault."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = resolve_model_dir(name_or_path)
+    config, document = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights}: missing")
+    digest = sha256_file(weights)
+    if digest != document["weights_sha256"]:
+        raise ModelLoadError(
+            f"{weights}: sha256 {digest[:12]}... does not match {CONFIG_NAME} "
+            f"({document['weights_sha256'][:12]}...): the file is truncated, corrupted or from another model"
+        )
+    try:
+        tensors = load_file(weights, device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"{weights}: not a readable safetensors file ({err})") from None
+
+    model = CSCAutoencoder(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(f"{weights}: tensors do not match {CONFIG_NAME}: missing {missing}, unexpected {unexpected}")
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise ModelLoadError(
+                f"{weights}: {key} has shape {tuple(value.shape)}, {CONFIG_NAME} implies {tuple(expected[key].shape)}"
+            )
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ModelLoadError(f"{weights}: {key} holds non-finite or non-float values")
+    for key in (k for k in tensors if k.endswith("lipschitz")):
+        if not math.isfinite(float(tensors[key])) or float(tensors[key]) <= 0:
+            raise ModelLoadError(f"{weights}: {key} must be positive")
+    model.load_state_dict(tensors, strict=True)
+    model.to(map_location)
+    return model.eval()
