@@ -149,26 +149,31 @@ class CSCLayer(nn.Module):
         The iteration runs on the circular operator over a ``power_grid`` x ``power_grid`` code grid,
         whose spectrum samples the Fourier symbol of ``D^T D``; the symbol's supremum bounds ``L`` for
         every image size and both boundaries. The Rayleigh quotient approaches it from below, so the stored
-        value is raised by ``margin`` (relative). Later calls warm-start from the previous vector, so a few
-        iterations per optimizer step track a changing dictionary.
+        value is raised by ``margin`` (relative).
+
+        With ``num_iters=None`` the iteration starts afresh and runs until the estimate stops rising
+        (for a dictionary that may have changed arbitrarily). With a number, it warm-starts from the last
+        vector for exactly that many iterations: cheap tracking of the small changes of one optimizer step.
         """
         weight = self.dictionary.detach()
-        n = self.power_grid
-        shape = (1, self.num_atoms, n, n)
+        shape = (1, self.num_atoms, self.power_grid, self.power_grid)
         v = self._power_vector
-        if v.shape != shape or v.dtype != weight.dtype or v.device != weight.device:
+        cold = num_iters is None or v.shape != shape or v.dtype != weight.dtype or v.device != weight.device
+        if cold:
             gen = torch.Generator().manual_seed(0)
             v = torch.randn(shape, generator=gen, dtype=torch.float64).to(weight)
-            num_iters = num_iters or 300
-        num_iters = num_iters or 30
-        rayleigh = v.new_zeros(())
-        for _ in range(num_iters):
+        min_iters, max_iters = (100, 2000) if num_iters is None else (num_iters, num_iters)
+        history: list[float] = []
+        for i in range(max_iters):
             v = v / v.norm().clamp_min(1e-30)
             w = self._gram(v, weight, "circular")
-            rayleigh = (v * w).sum()
+            history.append(float((v * w).sum()))
             v = w
+            # Converged when ten more iterations raise the estimate by less than 1e-6 of it.
+            if i >= min_iters and history[-1] - history[-11] <= 1e-6 * abs(history[-1]):
+                break
         self._power_vector = v / v.norm().clamp_min(1e-30)
-        self.lipschitz.fill_(float(rayleigh) * (1.0 + margin))
+        self.lipschitz.fill_(max(history) * (1.0 + margin))
         self._mark_synced()
         return float(self.lipschitz)
 

@@ -150,6 +150,19 @@ def test_gradients_flow_through_the_unrolled_steps(padding_mode, stride, nonnega
     assert layer.dictionary.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kernel_size,stride", [(3, 1), (11, 2)])
+def test_a_wholly_new_dictionary_gets_a_valid_step_size(kernel_size, stride):
+    layer = make_layer(1, stride, "circular", kernel_size=kernel_size, num_atoms=8)
+    layer.update_step_size()
+    layer.update_step_size(num_iters=5)  # warm tracking leaves a vector tuned to the old dictionary
+    with torch.no_grad():
+        layer.dictionary.copy_(torch.randn_like(layer.dictionary))
+    layer.normalize_dictionary()
+    size = 8 * stride if kernel_size < 8 else 24
+    a_mat = synthesis_matrix(layer.dictionary.detach().numpy(), size, size, stride, "circular")
+    assert layer.ensure_step_size() >= np.linalg.norm(a_mat, 2) ** 2
+
+
 def test_stale_step_size_is_refreshed_when_the_dictionary_changes():
     layer = make_layer(1, 1, "zeros")
     before = layer.update_step_size()
