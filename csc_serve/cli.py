@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
+from .cli_train import add_eval, add_train
 
 DESCRIPTION = """\
 Train, export and serve convolutional sparse coding (CSC-CTRL) autoencoders.
@@ -44,7 +45,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_viz,)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_train, add_eval, _add_viz)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from .autoencoder import CSCAutoencoder
 from .config import ConfigError, CSCConfig, StageConfig
 from .layer import CSCLayer, fista_momentum
+from .noise import add_gaussian_noise, estimate_noise_sigma
 from .serialization import ModelLoadError, bundled_models, load_pretrained, save_pretrained
 
 __all__ = [
@@ -12,7 +13,9 @@ __all__ = [
     "ConfigError",
     "ModelLoadError",
     "StageConfig",
+    "add_gaussian_noise",
     "bundled_models",
+    "estimate_noise_sigma",
     "fista_momentum",
     "load_pretrained",
     "save_pretrained",

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration import interpolate_scale
 from .config import CSCConfig
 from .layer import CSCLayer, _is_exporting
+from .noise import estimate_noise_sigma
 
 
 class CSCAutoencoder(nn.Module):
@@ -109,6 +111,22 @@ class CSCAutoencoder(nn.Module):
     def reconstruct(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """``decode(encode(x))`` at the size of ``x``."""
         return self.decode(self.encode(x, lmbda_scale), output_size=tuple(x.shape[-2:]))
+
+    def lmbda_scale_for_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The calibrated ``lmbda_scale`` for Gaussian noise of std ``sigma`` (0..255 scale), per sample."""
+        knots = self.config.noise_calibration
+        if knots is None:
+            raise ValueError("this model has no noise calibration (train it with noise, or pass lmbda_scale)")
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        knot_sigma, knot_scale = torch.tensor(knots, dtype=torch.float64).unbind(1)
+        return interpolate_scale(sigma, knot_sigma, knot_scale).float()
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Remove Gaussian noise of std ``sigma`` (0..255 scale, scalar or (B,)); estimated per image if None."""
+        if sigma is None:
+            sigma = estimate_noise_sigma(x)
+        scale = self.lmbda_scale_for_sigma(sigma).to(x.device)
+        return self.reconstruct(x, scale.expand(x.shape[0]) if scale.numel() == 1 else scale)
 
     def forward(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         return self.reconstruct(x, lmbda_scale)

@@ -25,6 +25,19 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_calibration(knots: Any) -> tuple[tuple[float, float], ...]:
+    try:
+        pairs = tuple((float(sigma), float(scale)) for sigma, scale in knots)
+    except (TypeError, ValueError):
+        raise ConfigError("noise_calibration must be a list of [sigma, lmbda_scale] pairs") from None
+    sigmas = [p[0] for p in pairs]
+    if len(pairs) < 2 or sigmas[0] != 0 or any(b <= a for a, b in zip(sigmas, sigmas[1:])):
+        raise ConfigError("noise_calibration needs two or more knots with sigma strictly increasing from 0")
+    if not all(math.isfinite(v) for p in pairs for v in p) or min(p[1] for p in pairs) <= 0:
+        raise ConfigError("noise_calibration values must be finite and every lmbda_scale positive")
+    return pairs
+
+
 def _check_float(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -60,8 +73,10 @@ class CSCConfig:
 
     Stage ``l`` sparse-codes the codes of stage ``l - 1`` (the image for ``l = 0``), so its input channels are
     the previous stage's ``num_atoms``. Images are floats in ``value_range``; ``input_mean`` (one value per
-    channel, optional) is subtracted before encoding and added back after decoding. ``provenance`` is free-form
-    metadata (data, command, date) kept with the weights.
+    channel, optional) is subtracted before encoding and added back after decoding. ``noise_calibration``
+    (optional) maps a Gaussian noise level to the ``lmbda_scale`` that denoises it best: knots
+    ``(sigma, lmbda_scale)`` with sigma on the 0..255 scale, strictly increasing from 0, interpolated linearly.
+    ``provenance`` is free-form metadata (data, command, date) kept with the weights.
     """
 
     in_channels: int = 3
@@ -70,6 +85,7 @@ class CSCConfig:
     padding_mode: str = "zeros"
     value_range: tuple[float, float] = (0.0, 1.0)
     input_mean: tuple[float, ...] | None = None
+    noise_calibration: tuple[tuple[float, float], ...] | None = None
     provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +107,8 @@ class CSCConfig:
             if len(mean) != self.in_channels or not all(map(math.isfinite, mean)):
                 raise ConfigError(f"input_mean needs {self.in_channels} finite values, got {self.input_mean}")
             object.__setattr__(self, "input_mean", mean)
+        if self.noise_calibration is not None:
+            object.__setattr__(self, "noise_calibration", _check_calibration(self.noise_calibration))
         if not isinstance(self.provenance, dict):
             raise ConfigError("provenance must be a mapping")
 
@@ -112,6 +130,8 @@ class CSCConfig:
         out["value_range"] = list(self.value_range)
         if self.input_mean is not None:
             out["input_mean"] = list(self.input_mean)
+        if self.noise_calibration is not None:
+            out["noise_calibration"] = [list(knot) for knot in self.noise_calibration]
         return out
 
     @classmethod

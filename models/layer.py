@@ -162,7 +162,9 @@ class CSCLayer(nn.Module):
         if cold:
             gen = torch.Generator().manual_seed(0)
             v = torch.randn(shape, generator=gen, dtype=torch.float64).to(weight)
-        min_iters, max_iters = (100, 2000) if num_iters is None else (num_iters, num_iters)
+        # Without a vector to start from (first call, new shape or device), a few iterations would
+        # underestimate L and let FISTA diverge: converge instead.
+        min_iters, max_iters = (100, 2000) if cold else (num_iters, num_iters)
         history: list[float] = []
         for i in range(max_iters):
             v = v / v.norm().clamp_min(1e-30)
@@ -231,6 +233,10 @@ class CSCLayer(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Synthesis ``D z``: (B, K, H/s, W/s) -> (B, C, H, W)."""
         return self._synthesis(codes, self.dictionary, self.padding_mode)
+
+    def synthesize(self, codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Synthesis with an explicit dictionary ``weight`` (training holds one side of the game fixed)."""
+        return self._synthesis(codes, weight, self.padding_mode)
 
     # ----------------------------------------------------------------------------- sparse coding
     def _check_image(self, x: torch.Tensor) -> None:

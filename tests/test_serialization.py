@@ -163,3 +163,14 @@ def test_bundled_models_are_found_by_name(tiny_model, tmp_path, monkeypatch, ima
     assert torch.equal(loaded.reconstruct(images), tiny_model.reconstruct(images))
     with pytest.raises(ModelLoadError, match=r"bundled: tiny-rgb"):
         CSCAutoencoder.from_pretrained("no-such-model")
+
+
+def test_saved_files_get_the_usual_permissions(tiny_model, tmp_path):
+    import os
+    import stat
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE(os.stat(tmp_path / "m" / name).st_mode) == 0o666 & ~mask

@@ -1,0 +1,139 @@
+"""``csc train`` and ``csc eval``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+HELP_TRAIN = {
+    "crop_size": "side of the random training crops, in pixels",
+    "batch_size": "crops per step (per process under torchrun)",
+    "iterations": "number of training steps",
+    "lr": "Adam learning rate of the dictionaries",
+    "lr_calibration": "Adam learning rate of the sigma -> lmbda_scale map",
+    "lr_final": "learning rates decay (cosine) to this fraction of their start at the last step",
+    "seed": "seed of crops, flips, noise and the held-out split",
+    "holdout_fraction": "fraction of the images held out for evaluation",
+    "sigma_max": "largest training noise std (0..255 scale); 0 trains without noise",
+    "clean_fraction": "fraction of crops trained without noise",
+    "calibration_knots": "knots of the learned sigma -> lmbda_scale map",
+    "pixel_weight": "weight of the pixel reconstruction term",
+    "rate_weight": "weight of the rate-reduction terms of the CTRL game (0: pixel loss only)",
+    "rate_batch": "samples of each batch that enter the rate terms (each costs one more encoding)",
+    "eps": "distortion eps of the coding rate",
+    "power_iters": "warm power-iteration steps per update for the FISTA step size",
+    "checkpoint_every": "steps between checkpoints",
+    "eval_every": "steps between held-out evaluations (metrics.jsonl)",
+    "eval_images": "held-out images evaluated (128x128 centre crops)",
+    "alternate": "alternate encoder and decoder updates (1) instead of moving both players at once (0)",
+    "figures": "write figures at the end (0 or 1)",
+}
+
+
+def _train(args: argparse.Namespace) -> None:
+    import torch
+
+    from models import CSCConfig
+    from training.presets import PRESETS
+    from training.run import train
+    from training.trainer import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("data", "out")}
+    config = TrainConfig(data=args.data, out=args.out, **fields)
+    arch = None
+    if args.arch:
+        try:
+            arch = CSCConfig.from_dict(json.loads(Path(args.arch).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{args.arch}: {err}") from None
+    elif not args.init and not args.resume:
+        arch = PRESETS[args.preset]
+    if arch is not None:
+        arch = dataclasses.replace(arch, provenance={"command": " ".join(["csc", *sys.argv[1:]])})
+    out = train(config, model_config=arch, init=args.init, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line rather than one per process
+        print(f"model written to {out}")
+
+
+def add_train(commands: argparse._SubParsersAction) -> None:
+    from training.presets import PRESETS
+
+    p = commands.add_parser(
+        "train",
+        help="train a CSC-CTRL model on a folder of images",
+        description="Train a CSC autoencoder with the closed-loop rate-reduction game and noisy inputs "
+        "(robust training), learning the map from noise level to threshold scale. Writes the model "
+        "(config.json + model.safetensors), checkpoint/, metrics.jsonl and figures/ into --out. "
+        "Runs under 'torchrun --standalone --nproc_per_node N -m csc_serve.cli train ...' too.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="folder of training images (PNG, JPEG, BMP, TIFF)")
+    p.add_argument("--out", required=True, help="output model directory")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--preset", choices=sorted(PRESETS), default="csc-ctrl-rgb", help="starting architecture")
+    start.add_argument("--arch", help="architecture JSON (the 'architecture' object of a config.json)")
+    start.add_argument("--init", help="start from this trained model (directory or bundled name)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    from training.trainer import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("data", "out"):
+            continue
+        kind = int if isinstance(f.default, bool) else type(f.default)
+        flag = f"--{f.name.replace('_', '-')}"
+        p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=HELP_TRAIN[f.name])
+    p.set_defaults(run=_train)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from models import load_pretrained
+    from training.data import list_images, load_image
+    from training.evaluate import evaluate_images
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_pretrained(args.model)
+    paths = list_images(args.data)[: args.limit or None]
+    images = [torch.from_numpy(load_image(p, model.config.in_channels)) for p in paths]
+    result = evaluate_images(
+        model, images, args.task, sigma=args.sigma, seed=args.seed, blind=args.blind,
+        lmbda_scale=args.lmbda_scale, progress=True,
+    )
+    print(result.summary())
+    if args.json:
+        record = dataclasses.asdict(result) | {"model": str(args.model), "data": str(args.data), "seed": args.seed}
+        Path(args.json).write_text(json.dumps(record, indent=2))
+
+
+def add_eval(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "eval",
+        help="mean PSNR and code sparsity on a folder of images",
+        description="Reconstruct or denoise every image of --data and print the mean PSNR (dB, peak 1) and the "
+        "fraction of zero last-stage codes. Denoising adds white Gaussian noise of std sigma/255 in float to "
+        "images in [0, 1], without clipping or rounding, and uses the model's calibrated threshold scale for "
+        "sigma (or for its own estimate of the noise with --blind).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="model directory or bundled model name")
+    p.add_argument("--data", required=True, help="folder of images")
+    p.add_argument("--task", choices=("reconstruct", "denoise"), default="reconstruct")
+    p.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0..255 scale (denoise)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--blind", action="store_true", help="estimate the noise level instead of using --sigma")
+    p.add_argument(
+        "--lmbda-scale", type=float, default=None, help="fixed threshold scale instead of the calibrated one"
+    )
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0: all)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", help="also write the result, per image, to this JSON file")
+    p.set_defaults(run=_eval)

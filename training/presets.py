@@ -1,0 +1,38 @@
+"""Named starting architectures for ``csc train --preset NAME``."""
+
+from __future__ import annotations
+
+from models import CSCConfig, StageConfig
+
+PRESETS: dict[str, CSCConfig] = {
+    # The bundled default: colour, two stages (full resolution, then stride 2), well under 2 MB of weights.
+    "csc-ctrl-rgb": CSCConfig(
+        in_channels=3,
+        stages=(
+            StageConfig(num_atoms=75, kernel_size=5, stride=1, lmbda=0.003, num_steps=8),
+            StageConfig(num_atoms=75, kernel_size=1, stride=1, lmbda=0.002, num_steps=3),
+        ),
+        nonnegative=False,
+        input_mean=(0.5, 0.5, 0.5),
+    ),
+    # Greyscale counterpart.
+    "csc-ctrl-grey": CSCConfig(
+        in_channels=1,
+        stages=(
+            StageConfig(num_atoms=48, kernel_size=7, stride=1, lmbda=0.02, num_steps=8),
+            StageConfig(num_atoms=64, kernel_size=3, stride=2, lmbda=0.005, num_steps=4),
+        ),
+        nonnegative=False,
+        input_mean=(0.5,),
+    ),
+    # A few seconds per hundred iterations: smoke tests and tutorials.
+    "tiny": CSCConfig(
+        in_channels=3,
+        stages=(
+            StageConfig(num_atoms=8, kernel_size=5, stride=1, lmbda=0.02, num_steps=3),
+            StageConfig(num_atoms=12, kernel_size=3, stride=2, lmbda=0.01, num_steps=2),
+        ),
+        input_mean=(0.5, 0.5, 0.5),
+        nonnegative=False,
+    ),
+}

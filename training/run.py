@@ -1,0 +1,257 @@
+"""A training run end to end: data, checkpoints (atomic, resumable), metrics log, figures, the final model.
+
+Layout of ``--out``::
+
+    config.json, model.safetensors     the trained model (written at the end)
+    checkpoint/                        model + optimizer.safetensors + state.json, replaced atomically
+    metrics.jsonl                      one JSON object per evaluation (loss terms, sparsity, held-out PSNR)
+    figures/                           atoms of every stage, a reconstruction grid, training curves
+
+Runs under ``torchrun --nproc_per_node N`` (gloo on CPU): every process trains on its own batches and
+gradients are averaged; process 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models import CSCAutoencoder, CSCConfig, load_pretrained
+from models.serialization import atomic_write, save_pretrained
+
+from .data import ImageFolderDataset, list_images, load_image, split_paths
+from .evaluate import evaluate_images, refine_calibration
+from .trainer import Trainer, TrainConfig, _world, init_dictionaries
+
+CHECKPOINT = "checkpoint"
+
+
+def _optimizer_tensors(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer states as flat tensors (for safetensors) and their param groups (for JSON)."""
+    tensors, groups = {}, {}
+    for name, opt in trainer.optimizers.items():
+        state = opt.state_dict()
+        groups[name] = state["param_groups"]
+        for pid, entries in state["state"].items():
+            for key, value in entries.items():
+                tensors[f"{name}.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, groups
+
+
+def _loop_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """What a resumed run needs beyond the model for bit-identical steps: the exact calibration
+    parameters and the power-iteration vectors that warm-start the step-size updates."""
+    tensors = {"loop.calibration": trainer.calibration.log_scale.detach().clone()}
+    for i, stage in enumerate(trainer.model.stages):
+        if stage._power_vector.numel():
+            tensors[f"loop.power{i}"] = stage._power_vector.contiguous()
+    return tensors
+
+
+def _restore_loop(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        trainer.calibration.log_scale.copy_(tensors["loop.calibration"])
+    for i, stage in enumerate(trainer.model.stages):
+        if f"loop.power{i}" in tensors:
+            stage._power_vector = tensors[f"loop.power{i}"]
+
+
+def _load_optimizers(trainer: Trainer, tensors: dict[str, torch.Tensor], groups: dict[str, Any]) -> None:
+    for name, opt in trainer.optimizers.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            owner, pid, entry = (key.split(".", 2) + ["", ""])[:3]
+            if owner == name:
+                state.setdefault(int(pid), {})[entry] = value
+        opt.load_state_dict({"state": state, "param_groups": groups[name]})
+
+
+def final_config(trainer: Trainer, extra: dict[str, Any]) -> CSCConfig:
+    provenance = {**trainer.model.config.provenance, **extra, "train_config": dataclasses.asdict(trainer.config)}
+    return dataclasses.replace(
+        trainer.model.config, noise_calibration=trainer.calibration.knots(), provenance=provenance
+    )
+
+
+def save_checkpoint(trainer: Trainer, out: Path) -> None:
+    """Write model, optimizer and loop state to a fresh folder, then swap it in for ``checkpoint/``."""
+    from safetensors.torch import save_file
+
+    trainer.model.config = final_config(trainer, {"checkpoint_step": trainer.step})
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
+    try:
+        save_pretrained(trainer.model, tmp / "model")
+        tensors, groups = _optimizer_tensors(trainer)
+        tensors.update(_loop_tensors(trainer))
+        save_file(tensors, tmp / "optimizer.safetensors")
+        state = {"step": trainer.step, "param_groups": groups, "history": trainer.history,
+                 "train_config": dataclasses.asdict(trainer.config)}
+        (tmp / "state.json").write_text(json.dumps(state))
+        final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# Settings a resumed run may change; any other difference would make it a different run.
+RESUMABLE_CHANGES = ("out", "iterations", "checkpoint_every", "eval_every", "eval_images", "figures")
+
+
+def _check_resumable(state: dict[str, Any], config: TrainConfig) -> None:
+    saved = state.get("train_config", {})
+    now = dataclasses.asdict(config)
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]
+    if changed:
+        detail = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+        raise ValueError(f"the checkpoint was trained with {detail}: resume with the same settings")
+    if state["step"] > config.iterations:
+        raise ValueError(f"the checkpoint is at step {state['step']}, past --iterations {config.iterations}")
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (a run killed mid-swap leaves the previous one as ``.checkpoint.old``)."""
+    for candidate in (out / CHECKPOINT, out / f".{CHECKPOINT}.old"):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def _holdout_images(paths: list[Path], channels: int, count: int, size: int = 128) -> list[torch.Tensor]:
+    images = []
+    for path in paths[:count]:
+        x = torch.from_numpy(load_image(path, channels))
+        h, w = x.shape[-2:]
+        top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
+        images.append(x[:, top : top + size, left : left + size].contiguous())
+    return images
+
+
+def _log(out: Path, record: dict[str, Any]) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(
+    config: TrainConfig,
+    model_config: CSCConfig | None = None,
+    init: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train and write the model to ``config.out``; returns that directory."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, world = _world()
+    out = Path(config.out)
+    paths = list_images(config.data)  # before anything is written: a bad --data leaves no trace
+    torch.manual_seed(config.seed)
+
+    checkpoint = find_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"{out}: no checkpoint to resume from")
+    if checkpoint is not None:
+        _check_resumable(json.loads((checkpoint / "state.json").read_text()), config)
+        model = load_pretrained(checkpoint / "model").train()
+    elif init is not None:
+        model = load_pretrained(init).train()
+    elif model_config is not None:
+        model = CSCAutoencoder(model_config).train()
+    else:
+        raise ValueError("give a model architecture or a model to start from")
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_paths, holdout_paths = split_paths(paths, config.holdout_fraction, config.seed)
+    channels = model.config.in_channels
+    train_set = ImageFolderDataset(train_paths, channels, crop_size=config.crop_size, flips=True, seed=config.seed)
+    holdout = _holdout_images(holdout_paths, channels, config.eval_images)
+    if checkpoint is None and init is None:
+        crops = torch.stack([train_set[i % len(train_set)] for i in range(64)])
+        init_dictionaries(model, crops, config.seed)
+    model.ensure_step_sizes()
+    trainer = Trainer(model, config, train_set, holdout)
+
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        state = json.loads((checkpoint / "state.json").read_text())
+        tensors = load_file(checkpoint / "optimizer.safetensors")
+        _load_optimizers(trainer, tensors, state["param_groups"])
+        _restore_loop(trainer, tensors)
+        trainer.step, trainer.history = state["step"], state["history"]
+    if rank == 0:  # the log restarts from what the checkpoint knows: no lines from steps run twice
+        lines = "".join(json.dumps(record) + "\n" for record in trainer.history)
+        atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
+
+    started = time.time()
+    bar = tqdm(total=config.iterations, initial=trainer.step, unit="it", disable=not progress or rank != 0)
+    while trainer.step < config.iterations:
+        metrics = trainer.train_step(trainer.step)
+        trainer.step += 1
+        bar.update(1)
+        bar.set_postfix(psnr=f"{metrics['train_psnr']:.2f}", zeros=f"{metrics['zero_fraction']:.2f}")
+        last = trainer.step == config.iterations
+        if rank == 0 and holdout and (trainer.step % config.eval_every == 0 or last):
+            record = {"step": trainer.step, "seconds": round(time.time() - started, 1), **metrics}
+            record.update(evaluate_holdout(trainer))
+            trainer.history.append(record)
+            _log(out, record)
+        if rank == 0 and (trainer.step % config.checkpoint_every == 0 or last):
+            save_checkpoint(trainer, out)
+        if world > 1:
+            dist.barrier()
+    bar.close()
+    if world > 1:
+        _check_in_sync(model)
+
+    if rank == 0:
+        model.update_step_sizes()  # a cold, converged power iteration for the step sizes that ship
+        extra = {"data": str(config.data), "images": len(paths), "processes": world,
+                 "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
+                 "train_seconds": round(time.time() - started, 1)}
+        model.config = final_config(trainer, extra)
+        if holdout and config.sigma_max > 0:
+            knots = refine_calibration(model.eval(), holdout, seed=config.seed)
+            model.config = dataclasses.replace(model.config, noise_calibration=knots)
+        save_pretrained(model, out)
+        if config.figures:
+            from .figures import save_training_figures
+
+            save_training_figures(model, holdout, trainer.history, out / "figures")
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def _check_in_sync(model: CSCAutoencoder) -> None:
+    """Every process must end with the same dictionaries (gradients were averaged before each update)."""
+    checksum = torch.stack([s.dictionary.detach().double().sum() for s in model.stages])
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("processes ended with different dictionaries: gradients were not synchronised")
+
+
+def evaluate_holdout(trainer: Trainer) -> dict[str, float]:
+    model = trainer.model
+    model.config = dataclasses.replace(model.config, noise_calibration=trainer.calibration.knots())
+    model.eval()
+    rec = evaluate_images(model, trainer.holdout, "reconstruct")
+    den = evaluate_images(model, trainer.holdout, "denoise", sigma=25.0, seed=trainer.config.seed)
+    model.train()
+    return {"holdout_psnr": rec.psnr, "holdout_zero_fraction": rec.zero_fraction, "holdout_denoise25_psnr": den.psnr}

@@ -1,0 +1,318 @@
+r"""The closed-loop (CTRL) training of a CSC autoencoder, with robust (noisy-input) training.
+
+Notation: ``f_D`` is the multi-stage CSC encoder (unrolled FISTA over the dictionaries ``D``), ``g_D`` the
+synthesis through the same dictionaries, ``s(sigma)`` the learned threshold scale for noise level
+``sigma`` (a piecewise-linear map with knots ``phi``, ``s(0) = 1``), and ``feat`` maps codes to unit-norm
+feature vectors. For a batch of clean crops ``x`` and noise levels ``sigma`` (a ``clean_fraction`` of them
+0, the rest uniform on ``[0, sigma_max]``, on the 0..255 scale):
+
+    x~ = x + sigma/255 * n,   Z = f_D(x~, s(sigma)),   X^ = g_D(Z),   Z^ = f_D(X^, 1)
+
+The dictionaries are shared, so the two players of the CTRL maximin game act on the same ``D`` through
+different paths; ``sg`` marks a stop-gradient:
+
+    encoder player (max: D through f, and phi):   maximise  R(Z) + Delta R(Z, f_D(sg X^, 1))
+    decoder player (min: D through g):            minimise  Delta R(sg Z, f_sg(D)(g_D(sg Z), 1))
+
+where ``R(Z) = 1/2 logdet(I + d/(n eps^2) Z^T Z)`` is the coding rate of the batch features and
+``Delta R(Z, Z^) = R(Z u Z^) - (R(Z) + R(Z^)) / 2`` the binary (real vs. reconstructed) rate reduction
+(``training.losses``; features are the unit-normalised last-stage codes of the first ``rate_batch``
+crops). The encoder expands the real features and separates them from their re-encoded reconstructions;
+the decoder makes the reconstructions indistinguishable in feature space. Both add the pixel term
+``w_pix * P(X^, x)`` with ``P = mean_i log(||X^_i - x_i||^2 / N)`` (N values per image) (clean targets, noisy inputs: robust
+training; the log gives every noise level the same weight). Each iteration is one move of
+the game; by default both players move at once (simultaneous gradient play, one Adam step on)
+
+    L = w_pix * P(g_D(f_D(x~)), x)  -  w_rate * (R(Z) + Delta R(Z, f_D(sg X^)))
+                                        +  w_rate * Delta R(sg Z, f_sg(D)(g_D(sg Z)))
+
+With ``alternate`` the players move in turn, each with its own Adam state: first
+``L_f = w_pix P(g_sg(D)(Z), x) - w_rate (R(Z) + Delta R(Z, f_D(sg X^)))``, then
+``L_g = w_pix P(g_D(sg Z), x) + w_rate Delta R(sg Z, f_sg(D)(g_D(sg Z)))``. The f-path and g-path
+pixel gradients add up to the gradient of ``P``; normalised separately by two Adam states they no longer
+do, so alternation needs a smaller learning rate and is not the default.
+With ``w_rate = 0`` the game reduces to supervised denoising of ``x~`` towards ``x``. After every
+update the atoms are projected to unit norm and a warm-started power iteration refreshes the FISTA step
+size. With several processes (``torchrun``), gradients are averaged across them before every update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from models import CSCAutoencoder
+from models.calibration import interpolate_scale
+
+from .evaluate import psnr
+from .losses import binary_rate_reduction, coding_rate, flatten_features
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Every field is recorded in the model's provenance and in checkpoints."""
+
+    data: str
+    out: str
+    crop_size: int = 48
+    batch_size: int = 16
+    iterations: int = 400
+    lr: float = 2e-4
+    lr_calibration: float = 2e-2
+    lr_final: float = 0.05
+    seed: int = 0
+    holdout_fraction: float = 0.1
+    sigma_max: float = 55.0
+    clean_fraction: float = 0.25
+    calibration_knots: int = 8
+    pixel_weight: float = 1.0
+    rate_weight: float = 1e-5
+    rate_batch: int = 8
+    eps: float = 0.5
+    power_iters: int = 5
+    checkpoint_every: int = 100
+    eval_every: int = 100
+    eval_images: int = 8
+    alternate: bool = False
+    figures: bool = True
+
+    def __post_init__(self) -> None:
+        positive = (
+            "crop_size", "batch_size", "rate_batch", "iterations", "checkpoint_every", "eval_every", "power_iters"
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.holdout_fraction < 1 or not 0 <= self.clean_fraction <= 1:
+            raise ValueError("holdout_fraction must be in [0, 1) and clean_fraction in [0, 1]")
+        if not 0 < self.lr_final <= 1:
+            raise ValueError(f"lr_final must be in (0, 1], got {self.lr_final}")
+        if self.sigma_max < 0 or self.lr <= 0 or self.eps <= 0 or self.calibration_knots < 2:
+            raise ValueError("sigma_max must be >= 0, lr and eps > 0, calibration_knots >= 2")
+
+
+def orthonormal_atoms(channels: int, kernel_size: int) -> torch.Tensor:
+    """An orthonormal basis of ``channels x k x k`` patches: a colour transform times the 2-D DCT-II.
+
+    Three channels use the opponent colour basis (luminance, red-blue, green-magenta), others the identity.
+    Used as a stride-1 convolutional dictionary, these ``C k^2`` atoms form a tight frame
+    (``D D^T = k^2 I``): FISTA reconstructs exactly from its first step and converges fast.
+    """
+    k = kernel_size
+    n = torch.arange(k, dtype=torch.float64)
+    dct = torch.cos(math.pi * (2 * n[None] + 1) * n[:, None] / (2 * k)) * math.sqrt(2 / k)  # (k, k) rows
+    dct[0] /= math.sqrt(2)
+    if channels == 3:
+        colour = torch.tensor([[1, 1, 1], [1, 0, -1], [1, -2, 1]], dtype=torch.float64)
+        colour = colour / colour.norm(dim=1, keepdim=True)
+    else:
+        colour = torch.eye(channels, dtype=torch.float64)
+    # atom (c, i, j)[ch, y, x] = colour[c, ch] * dct[i, y] * dct[j, x]
+    atoms = torch.einsum("ca,iy,jx->cijayx", colour, dct, dct)
+    return atoms.reshape(channels * k * k, channels, k, k).float()
+
+
+@torch.no_grad()
+def init_dictionaries(model: CSCAutoencoder, crops: torch.Tensor, seed: int = 0) -> None:
+    """A starting point for training. A stride-1 stage with at least ``C k^2`` atoms starts from the
+    tight frame of ``orthonormal_atoms`` (any extra atoms random); other first stages from random patches
+    of ``crops`` (B, C, H, W), mean removed; other later stages keep their random start.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for index, stage in enumerate(model.stages):
+        k, c = stage.kernel_size, stage.in_channels
+        if stage.stride == 1 and stage.num_atoms >= c * k * k:
+            stage.dictionary[: c * k * k] = orthonormal_atoms(c, k)
+        elif index == 0:
+            patches = F.unfold(crops - model.input_mean, k).transpose(1, 2).reshape(-1, c * k * k)
+            energy = patches.var(dim=1)
+            pool = patches[energy >= energy.median()]  # patches with structure
+            picked = pool[torch.randperm(pool.shape[0], generator=gen)[: stage.num_atoms]]
+            picked = picked - picked.mean(dim=1, keepdim=True)
+            stage.dictionary[: picked.shape[0]] = picked.reshape(-1, c, k, k)
+    model.normalize_dictionaries()
+    model.update_step_sizes()
+
+
+def pixel_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over images of ``log MSE_i`` (PSNR up to sign and scale): every noise level weighs the same.
+
+    A plain batch MSE would be dominated by the noisiest crops and trade away clean reconstruction.
+    """
+    mse = (estimate - target).pow(2).flatten(1).mean(1)  # (B,)
+    return mse.clamp_min(1e-10).log().mean()
+
+
+def encode_with(model: CSCAutoencoder, x: torch.Tensor, scale: torch.Tensor, frozen: bool) -> torch.Tensor:
+    """``f(x)`` with the dictionaries detached when ``frozen`` (x is a multiple of the total stride)."""
+    z = x - model.input_mean
+    for stage in model.stages:
+        weight = stage.dictionary.detach() if frozen else stage.dictionary
+        z = stage.fista(z, weight, stage.threshold(z, scale))
+    return z
+
+
+def decode_with(model: CSCAutoencoder, codes: torch.Tensor, frozen: bool) -> torch.Tensor:
+    """``g(z)`` with the dictionaries detached when ``frozen``."""
+    x = codes
+    for stage in reversed(model.stages):
+        x = stage.synthesize(x, stage.dictionary.detach() if frozen else stage.dictionary)
+    return x + model.input_mean
+
+
+class Calibration(torch.nn.Module):
+    """Learned ``lmbda_scale(sigma)``: log-scales at evenly spaced knots on ``[0, sigma_max]``, ``s(0) = 1``."""
+
+    def __init__(self, sigma_max: float, num_knots: int, initial: tuple[tuple[float, float], ...] | None = None):
+        super().__init__()
+        top = max(sigma_max, 1.0)
+        self.register_buffer("knot_sigma", torch.linspace(0.0, top, num_knots, dtype=torch.float64).float())
+        # A first guess: the threshold grows with the noise std (s = 1 + sigma / 10).
+        start = 1.0 + self.knot_sigma / 10.0
+        if initial is not None:
+            ks, kv = torch.tensor(initial, dtype=torch.float64).unbind(1)
+            start = interpolate_scale(self.knot_sigma.double(), ks, kv).float()
+        self.log_scale = torch.nn.Parameter(start[1:].log())
+
+    def knot_scale(self) -> torch.Tensor:
+        return torch.cat([self.log_scale.new_ones(1), self.log_scale.exp()])
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        return interpolate_scale(sigma, self.knot_sigma, self.knot_scale())
+
+    def knots(self) -> tuple[tuple[float, float], ...]:
+        return tuple(zip(self.knot_sigma.tolist(), self.knot_scale().detach().tolist()))
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(params: list[torch.nn.Parameter]) -> None:
+    rank, world = _world()
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+class Trainer:
+    """Runs ``TrainConfig`` on a model; ``run()`` trains, checkpoints, evaluates and writes the final model."""
+
+    def __init__(self, model: CSCAutoencoder, config: TrainConfig, train_set, holdout: torch.Tensor | None):
+        self.model, self.config = model, config
+        self.train_set, self.holdout = train_set, holdout
+        self.calibration = Calibration(config.sigma_max, config.calibration_knots, model.config.noise_calibration)
+        dictionaries = [s.dictionary for s in model.stages]
+        groups = [{"params": dictionaries}, {"params": self.calibration.parameters(), "lr": config.lr_calibration}]
+        if config.alternate:
+            # One optimizer per player: each keeps its own moment estimates of the shared dictionaries.
+            self.optimizers = {
+                "encoder": torch.optim.Adam(groups, lr=config.lr),
+                "decoder": torch.optim.Adam(dictionaries, lr=config.lr),
+            }
+        else:
+            self.optimizers = {"game": torch.optim.Adam(groups, lr=config.lr)}
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.out = Path(config.out)
+        self.rank, self.world = _world()
+
+    # ----------------------------------------------------------------------------- one iteration
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, step, self.rank])
+        n = len(self.train_set)
+        self.train_set.set_epoch(step)
+        x = torch.stack([self.train_set[int(i)] for i in rng.integers(0, n, cfg.batch_size)])
+        sigma = rng.uniform(0, cfg.sigma_max, cfg.batch_size) * (rng.random(cfg.batch_size) >= cfg.clean_fraction)
+        return x, torch.from_numpy(sigma).float()
+
+    def _update(self, player: str, loss: torch.Tensor) -> None:
+        optimizer = self.optimizers[player]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _average_gradients([p for group in optimizer.param_groups for p in group["params"]])
+        optimizer.step()
+        self.model.normalize_dictionaries()
+        self.model.update_step_sizes(num_iters=self.config.power_iters)
+
+    def _set_learning_rates(self, step: int) -> None:
+        """Cosine decay from the configured rates to ``lr_final`` times them at the last step."""
+        cfg = self.config
+        progress = min(step / max(cfg.iterations - 1, 1), 1.0)
+        factor = cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
+    def _encoder_rates(self, z: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The max player's rate terms, ``-(R(Z) + Delta R(Z, f(sg X^)))``, with D through f."""
+        eps = self.config.eps
+        z_hat = encode_with(self.model, x_hat.detach(), torch.ones(len(z)), frozen=False)
+        feats, feats_hat = flatten_features(z), flatten_features(z_hat)
+        expansion, reduction = coding_rate(feats, eps), binary_rate_reduction(feats, feats_hat, eps)
+        return -(expansion + reduction), {"rate": expansion.item(), "delta_rate_f": reduction.item()}
+
+    def _decoder_rates(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The min player's rate term, ``Delta R(sg Z, f_sg(g(sg Z)))``, with D through g."""
+        x_hat = decode_with(self.model, z.detach(), frozen=False)
+        z_hat = encode_with(self.model, x_hat, torch.ones(len(z)), frozen=True)
+        reduction = binary_rate_reduction(flatten_features(z.detach()), flatten_features(z_hat), self.config.eps)
+        return reduction, {"delta_rate_g": reduction.item()}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, model = self.config, self.model
+        self._set_learning_rates(step)
+        x, sigma = self._batch(step)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + self.rank)
+        noisy = x + sigma.view(-1, 1, 1, 1) / 255.0 * torch.randn(x.shape, generator=gen)
+        rates = cfg.rate_weight > 0
+        nr = min(cfg.rate_batch, x.shape[0])  # the rate terms use the first rate_batch samples of the batch
+        metrics: dict[str, float] = {}
+
+        z = encode_with(model, noisy, self.calibration(sigma), frozen=False)
+        if not cfg.alternate:
+            # Both players move at once: the pixel term through f and g, each player's rate terms.
+            x_hat = decode_with(model, z, frozen=False)
+            pixel = F.mse_loss(x_hat, x)
+            loss = cfg.pixel_weight * pixel_loss(x_hat, x)
+            if rates:
+                (up, m_f), (down, m_g) = self._encoder_rates(z[:nr], x_hat[:nr]), self._decoder_rates(z[:nr])
+                loss = loss + cfg.rate_weight * (up + down)
+                metrics.update(m_f | m_g)
+            self._update("game", loss)
+        else:
+            # Encoder step: D through f (and the calibration), the synthesis fixed.
+            x_hat = decode_with(model, z, frozen=True)
+            pixel = F.mse_loss(x_hat, x)
+            loss_f = cfg.pixel_weight * pixel_loss(x_hat, x)
+            if rates:
+                up, m_f = self._encoder_rates(z[:nr], x_hat[:nr])
+                loss_f = loss_f + cfg.rate_weight * up
+                metrics.update(m_f)
+            self._update("encoder", loss_f)
+            # Decoder step: D through g, the codes and the re-encoding's analysis fixed.
+            x_hat = decode_with(model, z.detach(), frozen=False)
+            loss_g = cfg.pixel_weight * pixel_loss(x_hat, x)
+            if rates:
+                down, m_g = self._decoder_rates(z[:nr])
+                loss_g = loss_g + cfg.rate_weight * down
+                metrics.update(m_g)
+            self._update("decoder", loss_g)
+        metrics["pixel_mse"] = pixel.item()
+        metrics["zero_fraction"] = (z == 0).float().mean().item()
+        metrics["train_psnr"] = psnr(x_hat.detach(), x).mean().item()
+        return metrics
