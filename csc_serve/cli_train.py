@@ -15,6 +15,7 @@ HELP_TRAIN = {
     "iterations": "number of training steps",
     "lr": "Adam learning rate of the dictionaries",
     "lr_calibration": "Adam learning rate of the sigma -> lmbda_scale map",
+    "lr_thresholds": "Adam learning rate of the per-atom weights of the l1 penalty (0 keeps them at 1)",
     "lr_final": "learning rates decay (cosine) to this fraction of their start at the last step",
     "seed": "seed of crops, flips, noise and the held-out split",
     "holdout_fraction": "fraction of the images held out for evaluation",

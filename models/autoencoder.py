@@ -20,14 +20,19 @@ class CSCAutoencoder(nn.Module):
     Encoder ``f``: stage ``l`` solves a Lasso over its dictionary ``D_l`` for the codes ``z_{l-1}`` of the
     stage before (``z_0`` is the image less ``input_mean``):
 
-        z_l = FISTA_{num_steps_l}( argmin_z 0.5 ||z_{l-1} - D_l z||^2 + lmbda_l * lmbda_scale * ||z||_1 )
+        z_l = FISTA_{num_steps_l}( argmin_z 0.5 ||z_{l-1} - D_l z||^2
+                                            + lmbda_l * lmbda_scale * sum_k w_lk ||z_k||_1 )
+
+    with learned per-atom weights ``w_l`` (``CSCLayer.lmbda_weights``).
 
     Decoder ``g``: the synthesis back through the same dictionaries, ``g(z_L) = D_1 D_2 ... D_L z_L`` (plus
     ``input_mean``). Nothing sits between stages, so ``decode`` inverts exactly what ``encode`` models.
 
     Images are float tensors ``(B, C, H, W)`` of any size; they are padded (edge replication) to a multiple
-    of ``config.total_stride`` and results are cropped back. ``lmbda_scale`` (``None``, a float, or a tensor
-    of shape ``(B,)``) multiplies every stage's threshold per sample; 1.0 is the trained sparsity.
+    of ``config.total_stride`` and results are cropped back. With ``config.shift_average``, ``reconstruct``
+    and ``denoise`` average over the ``S^2`` shifts of the stride grid (cycle spinning). ``lmbda_scale``
+    (``None``, a float, or a tensor of shape ``(B,)``) multiplies every stage's threshold per sample; 1.0 is
+    the trained sparsity.
     """
 
     def __init__(self, config: CSCConfig):
@@ -56,6 +61,11 @@ class CSCAutoencoder(nn.Module):
         for stage in self.stages:
             stage.normalize_dictionary()
 
+    def clamp_lmbda_weights(self) -> None:
+        """Keep every stage's per-atom penalty weights non-negative (after an optimizer step)."""
+        for stage in self.stages:
+            stage.clamp_lmbda_weights()
+
     def update_step_sizes(self, num_iters: int | None = None) -> list[float]:
         """Refresh every stage's Lipschitz constant (after the dictionaries changed)."""
         return [stage.update_step_size(num_iters) for stage in self.stages]
@@ -65,13 +75,16 @@ class CSCAutoencoder(nn.Module):
         return [stage.ensure_step_size() for stage in self.stages]
 
     # ----------------------------------------------------------------------------- shapes
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_images(self, x: torch.Tensor) -> None:
         if not _is_exporting():
             c = self.config.in_channels
             if x.dim() != 4 or x.shape[1] != c:
                 raise ValueError(f"expected images of shape (B, {c}, H, W), got {tuple(x.shape)}")
             if x.shape[-1] == 0 or x.shape[-2] == 0:
                 raise ValueError(f"images must have at least one pixel, got {tuple(x.shape)}")
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_images(x)
         s = self.config.total_stride
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % s, (-w) % s
@@ -109,8 +122,26 @@ class CSCAutoencoder(nn.Module):
         return x
 
     def reconstruct(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
-        """``decode(encode(x))`` at the size of ``x``."""
-        return self.decode(self.encode(x, lmbda_scale), output_size=tuple(x.shape[-2:]))
+        """``decode(encode(x))`` at the size of ``x``; with ``config.shift_average``, its mean over the
+        ``S^2`` shifts of ``x`` (``S = total_stride``), all run as one batch of ``S^2 B`` images."""
+        size = tuple(x.shape[-2:])
+        s = self.config.total_stride
+        if not self.config.shift_average or s == 1:
+            return self.decode(self.encode(x, lmbda_scale), output_size=size)
+        self._check_images(x)
+        shifts = [(dy, dx) for dy in range(s) for dx in range(s)]
+        # Shifting by (dy, dx) pads dy rows on top and s - dy below, so every copy has the same size.
+        copies = torch.cat([F.pad(x, (dx, s - dx, dy, s - dy), mode="replicate") for dy, dx in shifts])
+        scale = lmbda_scale
+        if isinstance(scale, torch.Tensor) and scale.dim() == 1 and (_is_exporting() or scale.shape[0] > 1):
+            if not _is_exporting() and scale.shape[0] != x.shape[0]:
+                expected, got = (x.shape[0],), tuple(scale.shape)
+                raise ValueError(f"lmbda_scale must be a scalar or have shape {expected}, got {got}")
+            scale = scale.repeat(len(shifts))  # copies are ordered shift by shift, each a whole batch
+        out = self.decode(self.encode(copies, scale))  # (S^2 B, C, H', W')
+        out = out.unflatten(0, (len(shifts), -1))  # (S^2, B, C, H', W')
+        h, w = size
+        return torch.stack([out[i, ..., dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts)]).mean(0)
 
     def lmbda_scale_for_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """The calibrated ``lmbda_scale`` for Gaussian noise of std ``sigma`` (0..255 scale), per sample."""

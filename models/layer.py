@@ -60,19 +60,22 @@ class CSCLayer(nn.Module):
     and analysis ``D^T x = conv2d(x, D, stride=s)`` is its exact adjoint for both boundaries
     (``"zeros"``: the image is zero outside its support; ``"circular"``: the image is periodic).
 
-    ``encode`` solves the elastic-net Lasso
+    ``encode`` solves the (atom-weighted) elastic-net Lasso
 
-        min_z  0.5 * ||x - D z||^2 + lmbda * ||z||_1 + mu / 2 * ||z||^2      (and z >= 0 if nonnegative)
+        min_z  0.5 * ||x - D z||^2 + lmbda * sum_k w_k ||z_k||_1 + mu / 2 * ||z||^2    (and z >= 0 if nonnegative)
 
     with FISTA, step size ``eta = 1 / (L + mu)`` where ``L = ||D^T D||_2``:
 
-        z_k     = prox_{eta * lmbda}( (1 - eta * mu) * y_k - eta * D^T D y_k + eta * D^T x )
+        z_k     = prox_{eta * lmbda * w}( (1 - eta * mu) * y_k - eta * D^T D y_k + eta * D^T x )
         y_{k+1} = z_k + beta_k * (z_k - z_{k-1})
 
-    from ``z_0 = y_1 = 0``. ``prox`` is the soft threshold (or ``relu(v - eta * lmbda)`` for
-    non-negative codes). ``eta * D^T x`` is computed once; the momentum ``beta_k`` comes from the step
-    index alone (``fista_momentum``); ``L`` is a buffer refreshed by ``update_step_size`` outside the
-    forward pass, so the unrolled graph has no data-dependent control flow.
+    from ``z_0 = y_1 = 0``. ``prox`` is the soft threshold of code map ``k`` at ``eta * lmbda * w_k`` (or
+    ``relu(v - eta * lmbda * w_k)`` for non-negative codes). The weights ``w = lmbda_weights`` (one per atom,
+    non-negative, 1 by default) are learned with the dictionary: atoms that carry image structure above the
+    noise, such as the smooth ones, learn small weights, the rest large ones. ``eta * D^T x`` is computed
+    once; the momentum ``beta_k`` comes from the step index alone (``fista_momentum``); ``L`` is a buffer
+    refreshed by ``update_step_size`` outside the forward pass, so the unrolled graph has no data-dependent
+    control flow.
     """
 
     def __init__(
@@ -115,6 +118,8 @@ class CSCLayer(nn.Module):
         self.momentum = fista_momentum(num_steps)
 
         self.dictionary = nn.Parameter(torch.randn(num_atoms, in_channels, kernel_size, kernel_size))
+        # Per-atom weights of the l1 penalty (the threshold of atom k is eta * lmbda * w_k * lmbda_scale).
+        self.lmbda_weights = nn.Parameter(torch.ones(num_atoms))
         # Largest eigenvalue of D^T D (a bound for every image size); the FISTA step is 1 / (L + mu).
         # Computed on first use (or loaded with the weights), so building a model to load into is cheap.
         self.register_buffer("lipschitz", torch.ones(()))
@@ -250,15 +255,20 @@ class CSCLayer(nn.Module):
         if self.padding_mode == "circular" and min(h, w) < 2 * self.padding:
             raise ValueError(f"circular boundary needs images of at least {2 * self.padding} pixels per side")
 
+    @torch.no_grad()
+    def clamp_lmbda_weights(self) -> None:
+        """Project the penalty weights onto ``w >= 0`` (after an optimizer step)."""
+        self.lmbda_weights.clamp_(min=0.0)
+
     def threshold(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None) -> torch.Tensor:
-        """Per-sample prox threshold ``eta * lmbda * lmbda_scale``, shape (B, 1, 1, 1)."""
-        base = self.step_size * self.lmbda
+        """Per-sample, per-atom prox threshold ``eta * lmbda * w_k * lmbda_scale``, shape (B, K, 1, 1)."""
+        base = (self.step_size * self.lmbda * self.lmbda_weights).to(x.dtype).view(1, -1, 1, 1)  # (1, K, 1, 1)
         if lmbda_scale is None:
-            return base.to(x.dtype).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+            return base.expand(x.shape[0], -1, 1, 1)
         scale = torch.as_tensor(lmbda_scale, dtype=x.dtype, device=x.device)
         if not _is_exporting() and (scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, x.shape[0]))):
             raise ValueError(f"lmbda_scale must be a scalar or have shape ({x.shape[0]},), got {tuple(scale.shape)}")
-        return (base * scale).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        return base * scale.expand(x.shape[0]).reshape(-1, 1, 1, 1)
 
     def _prox(self, v: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
         if self.nonnegative:
@@ -272,7 +282,7 @@ class CSCLayer(nn.Module):
         return self.fista(x, self.dictionary, self.threshold(x, lmbda_scale))
 
     def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
-        """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, 1, 1, 1)."""
+        """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, K, 1, 1)."""
         mode = self.padding_mode
         eta = self.step_size.to(x.dtype)
         shrink = 1.0 - eta * self.mu
@@ -286,10 +296,11 @@ class CSCLayer(nn.Module):
         return z
 
     def objective(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """``0.5 ||x - D z||^2 + lmbda ||z||_1 + mu/2 ||z||^2`` per sample, shape (B,)."""
+        """``0.5 ||x - D z||^2 + lmbda sum_k w_k ||z_k||_1 + mu/2 ||z||^2`` per sample, shape (B,)."""
         residual = (x - self.decode(codes)).flatten(1)
-        z = codes.flatten(1)
-        return 0.5 * residual.pow(2).sum(1) + self.lmbda * z.abs().sum(1) + 0.5 * self.mu * z.pow(2).sum(1)
+        l1 = (codes.abs().sum((2, 3)) * self.lmbda_weights).sum(1)  # (B,)
+        ridge = codes.flatten(1).pow(2).sum(1)
+        return 0.5 * residual.pow(2).sum(1) + self.lmbda * l1 + 0.5 * self.mu * ridge
 
     def forward(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         return self.encode(x, lmbda_scale)

@@ -167,6 +167,9 @@ def load_pretrained(name_or_path: str | os.PathLike, map_location: str = "cpu") 
     for key in (k for k in tensors if k.endswith("lipschitz")):
         if not math.isfinite(float(tensors[key])) or float(tensors[key]) <= 0:
             raise ModelLoadError(f"{weights}: {key} must be positive")
+    for key in (k for k in tensors if k.endswith("lmbda_weights")):
+        if (tensors[key] < 0).any():
+            raise ModelLoadError(f"{weights}: {key} must be non-negative")
     model.load_state_dict(tensors, strict=True)
     model.to(map_location)
     return model.eval()

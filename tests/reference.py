@@ -33,12 +33,15 @@ def synthesis_matrix(dictionary: np.ndarray, height: int, width: int, stride: in
 
 
 def lasso_objective(a_mat, x, z, lmbda, mu=0.0):
+    """``lmbda`` is a scalar or one weight per coefficient (the weighted l1 penalty)."""
     r = x - a_mat @ z
-    return 0.5 * r @ r + lmbda * np.abs(z).sum() + 0.5 * mu * z @ z
+    return 0.5 * r @ r + (lmbda * np.abs(z)).sum() + 0.5 * mu * z @ z
 
 
 def solve_lasso(a_mat, x, lmbda, mu=0.0, nonnegative=False, sweeps=20000, tol=1e-14):
-    """Minimise ``0.5||x - A z||^2 + lmbda ||z||_1 + mu/2 ||z||^2`` (``z >= 0`` if asked), to float64 precision."""
+    """Minimise ``0.5||x - A z||^2 + sum_j lmbda_j |z_j| + mu/2 ||z||^2`` (``z >= 0`` if asked), to float64
+    precision; ``lmbda`` is a scalar or one value per coefficient."""
+    lmbda = np.broadcast_to(np.asarray(lmbda, dtype=np.float64), (a_mat.shape[1],))
     gram = a_mat.T @ a_mat + mu * np.eye(a_mat.shape[1])
     corr = a_mat.T @ x
     diag = np.diag(gram).copy()
@@ -48,7 +51,7 @@ def solve_lasso(a_mat, x, lmbda, mu=0.0, nonnegative=False, sweeps=20000, tol=1e
         biggest = 0.0
         for j in range(z.size):
             rho = corr[j] - gz[j] + diag[j] * z[j]
-            new = max(rho - lmbda, 0.0) if nonnegative else np.sign(rho) * max(abs(rho) - lmbda, 0.0)
+            new = max(rho - lmbda[j], 0.0) if nonnegative else np.sign(rho) * max(abs(rho) - lmbda[j], 0.0)
             new /= diag[j]
             delta = new - z[j]
             if delta:
@@ -61,7 +64,7 @@ def solve_lasso(a_mat, x, lmbda, mu=0.0, nonnegative=False, sweeps=20000, tol=1e
     support = np.abs(z) > 0
     if support.any():
         polished = np.zeros_like(z)
-        polished[support] = np.linalg.solve(gram[np.ix_(support, support)], corr[support] - lmbda * np.sign(z[support]))
+        polished[support] = np.linalg.solve(gram[np.ix_(support, support)], corr[support] - lmbda[support] * np.sign(z[support]))
         if np.all(np.sign(polished[support]) == np.sign(z[support])):
             if lasso_objective(a_mat, x, polished, lmbda, mu) <= lasso_objective(a_mat, x, z, lmbda, mu):
                 z = polished
@@ -71,9 +74,10 @@ def solve_lasso(a_mat, x, lmbda, mu=0.0, nonnegative=False, sweeps=20000, tol=1e
 def optimality_violation(a_mat, x, z, lmbda, mu=0.0, nonnegative=False) -> float:
     """Largest violation of the Lasso subgradient conditions, ``g = A^T (A z - x) + mu z``:
     ``g_j = -lmbda sign(z_j)`` where ``z_j != 0``; ``|g_j| <= lmbda`` (or ``g_j >= -lmbda`` if ``z >= 0``) where 0."""
+    lmbda = np.broadcast_to(np.asarray(lmbda, dtype=np.float64), z.shape)
     g = a_mat.T @ (a_mat @ z - x) + mu * z
     active = z != 0
-    on_support = np.abs(g[active] + lmbda * np.sign(z[active]))
-    off = g[~active]
-    off_support = np.maximum(-off - lmbda, 0.0) if nonnegative else np.maximum(np.abs(off) - lmbda, 0.0)
+    on_support = np.abs(g[active] + lmbda[active] * np.sign(z[active]))
+    off, lam_off = g[~active], lmbda[~active]
+    off_support = np.maximum(-off - lam_off, 0.0) if nonnegative else np.maximum(np.abs(off) - lam_off, 0.0)
     return float(max(on_support.max(initial=0.0), off_support.max(initial=0.0)))

@@ -60,6 +60,35 @@ def test_per_sample_lmbda_scale_matches_separate_calls_through_every_stage(tiny_
     assert sparsity[0] < sparsity[1] < sparsity[2]
 
 
+def _shifted_mean(model: CSCAutoencoder, x: torch.Tensor, scale) -> torch.Tensor:
+    """The mean of the plain reconstructions of every shift of ``x``, one shift at a time."""
+    s, (h, w) = model.config.total_stride, x.shape[-2:]
+    outs = []
+    for dy in range(s):
+        for dx in range(s):
+            shifted = torch.nn.functional.pad(x, (dx, s - dx, dy, s - dy), mode="replicate")
+            outs.append(model.decode(model.encode(shifted, scale))[..., dy : dy + h, dx : dx + w])
+    return torch.stack(outs).mean(0)
+
+
+@pytest.mark.parametrize("height,width", [(20, 24), (17, 9)])
+def test_shift_average_is_the_mean_over_every_shift_of_the_stride(height, width):
+    torch.manual_seed(0)
+    model = CSCAutoencoder(tiny_config(shift_average=True, nonnegative=False)).eval()
+    x = torch.rand(3, 3, height, width, generator=torch.Generator().manual_seed(1))
+    scales = torch.tensor([0.5, 1.0, 4.0])
+    out = model.reconstruct(x, scales)
+    assert out.shape == x.shape
+    expected = torch.cat([_shifted_mean(model, x[i : i + 1], scales[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # The average is not the unshifted reconstruction: the grid of a strided model is not shift invariant.
+    plain = model.decode(model.encode(x, scales), output_size=(height, width))
+    assert (out - plain).abs().max() > 1e-3
+    torch.testing.assert_close(model.reconstruct(x, 2.0), model.reconstruct(x, torch.full((3,), 2.0)))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        model.reconstruct(x, torch.ones(2))
+
+
 def test_training_keeps_atoms_unit_norm_and_step_sizes_fresh(tiny_model, images):
     optimizer = torch.optim.SGD(tiny_model.parameters(), lr=0.5)
     loss = (tiny_model.reconstruct(images) - images).pow(2).mean()
@@ -107,6 +136,7 @@ def test_config_round_trips_through_a_dict():
         (lambda d: d.update(value_range=[1, 0]), "value_range"),
         (lambda d: d.update(input_mean=[0.5]), "input_mean"),
         (lambda d: d.update(in_channels=True), "in_channels"),
+        (lambda d: d.update(shift_average="yes"), "shift_average"),
     ],
 )
 def test_malformed_configs_are_refused_with_the_reason(change, message):

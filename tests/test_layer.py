@@ -103,6 +103,26 @@ def test_converged_codes_satisfy_the_optimality_conditions(padding_mode, nonnega
     assert abs(lasso_objective(a_mat, xv, zv, lmbda, mu) - best) <= 1e-6 * best
 
 
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_per_atom_weights_give_the_optimum_of_the_weighted_lasso(nonnegative):
+    lmbda = 0.08
+    layer = make_layer(3, 2, "zeros", nonnegative, kernel_size=5, num_atoms=4, lmbda=lmbda, num_steps=4000)
+    with torch.no_grad():
+        layer.lmbda_weights.copy_(torch.tensor([0.0, 0.5, 1.0, 3.0]))
+    x = image(3, 12)[:1]
+    codes = layer.encode(x).detach()  # (1, 4, 6, 6)
+    a_mat = synthesis_matrix(layer.dictionary.detach().numpy(), 12, 12, 2, "zeros")
+    xv, zv = x.flatten().numpy(), codes.flatten().numpy()
+    weights = np.repeat(lmbda * layer.lmbda_weights.detach().numpy(), 36)  # codes flatten atom by atom
+    # An unweighted solve would violate these conditions by about lmbda (the weights differ by that much).
+    assert optimality_violation(a_mat, xv, zv, weights, 0.0, nonnegative) < 1e-6 * lmbda
+    assert (codes[0, 3] == 0).float().mean() > (codes[0, 1] == 0).float().mean()  # heavier weight, sparser map
+    reference = solve_lasso(a_mat, xv, weights, 0.0, nonnegative)
+    best = lasso_objective(a_mat, xv, reference, weights)
+    assert abs(lasso_objective(a_mat, xv, zv, weights) - best) <= 1e-6 * best
+    assert float(layer.objective(x, codes).detach()) == pytest.approx(lasso_objective(a_mat, xv, zv, weights), rel=1e-10)
+
+
 def test_few_steps_do_not_reach_the_optimum_and_more_steps_lower_the_objective():
     x = image(3, 16)
     objectives = []

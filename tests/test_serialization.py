@@ -140,6 +140,14 @@ def test_non_finite_weights_are_refused(tiny_model, tmp_path):
         load_pretrained(tmp_path / "m")
 
 
+def test_negative_penalty_weights_are_refused(tiny_model, tmp_path):
+    with torch.no_grad():
+        tiny_model.stages[0].lmbda_weights[0] = -0.5
+    tiny_model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="lmbda_weights must be non-negative"):
+        load_pretrained(tmp_path / "m")
+
+
 def test_a_failed_save_leaves_the_previous_model_intact(saved, monkeypatch, tiny_model, images):
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
 

@@ -84,7 +84,10 @@ def evaluate_images(
         else:
             scale = torch.ones(1)
         codes = model.encode(inp, scale)
-        out = model.decode(codes, output_size=tuple(x.shape[-2:]))
+        if model.config.shift_average:
+            out = model.reconstruct(inp, scale)
+        else:
+            out = model.decode(codes, output_size=tuple(x.shape[-2:]))
         scores.append(float(psnr(out, x)[0]))
         zeros += int((codes == 0).sum())
         total += codes.numel()

@@ -181,8 +181,7 @@ def train(
     train_set = ImageFolderDataset(train_paths, channels, crop_size=config.crop_size, flips=True, seed=config.seed)
     holdout = _holdout_images(holdout_paths, channels, config.eval_images)
     if checkpoint is None and init is None:
-        crops = torch.stack([train_set[i % len(train_set)] for i in range(64)])
-        init_dictionaries(model, crops, config.seed)
+        init_dictionaries(model)
     model.ensure_step_sizes()
     trainer = Trainer(model, config, train_set, holdout)
 

@@ -2,8 +2,8 @@ r"""The closed-loop (CTRL) training of a CSC autoencoder, with robust (noisy-inp
 
 Notation: ``f_D`` is the multi-stage CSC encoder (unrolled FISTA over the dictionaries ``D``), ``g_D`` the
 synthesis through the same dictionaries, ``s(sigma)`` the learned threshold scale for noise level
-``sigma`` (a piecewise-linear map with knots ``phi``, ``s(0) = 1``), and ``feat`` maps codes to unit-norm
-feature vectors. For a batch of clean crops ``x`` and noise levels ``sigma`` (a ``clean_fraction`` of them
+``sigma`` (a piecewise-linear map with knots ``phi``, ``s(0) = 1``), ``w`` the per-atom weights of every
+stage's l1 penalty (``CSCLayer.lmbda_weights``), and ``feat`` maps codes to unit-norm feature vectors. For a batch of clean crops ``x`` and noise levels ``sigma`` (a ``clean_fraction`` of them
 0, the rest uniform on ``[0, sigma_max]``, on the 0..255 scale):
 
     x~ = x + sigma/255 * n,   Z = f_D(x~, s(sigma)),   X^ = g_D(Z),   Z^ = f_D(X^, 1)
@@ -11,7 +11,7 @@ feature vectors. For a batch of clean crops ``x`` and noise levels ``sigma`` (a 
 The dictionaries are shared, so the two players of the CTRL maximin game act on the same ``D`` through
 different paths; ``sg`` marks a stop-gradient:
 
-    encoder player (max: D through f, and phi):   maximise  R(Z) + Delta R(Z, f_D(sg X^, 1))
+    encoder player (max: D through f, w, phi):    maximise  R(Z) + Delta R(Z, f_D(sg X^, 1))
     decoder player (min: D through g):            minimise  Delta R(sg Z, f_sg(D)(g_D(sg Z), 1))
 
 where ``R(Z) = 1/2 logdet(I + d/(n eps^2) Z^T Z)`` is the coding rate of the batch features and
@@ -32,8 +32,8 @@ With ``alternate`` the players move in turn, each with its own Adam state: first
 pixel gradients add up to the gradient of ``P``; normalised separately by two Adam states they no longer
 do, so alternation needs a smaller learning rate and is not the default.
 With ``w_rate = 0`` the game reduces to supervised denoising of ``x~`` towards ``x``. After every
-update the atoms are projected to unit norm and a warm-started power iteration refreshes the FISTA step
-size. With several processes (``torchrun``), gradients are averaged across them before every update.
+update the atoms are projected to unit norm, the weights ``w`` onto ``w >= 0``, and a warm-started power
+iteration refreshes the FISTA step size. With several processes (``torchrun``), gradients are averaged across them before every update.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class TrainConfig:
     iterations: int = 400
     lr: float = 2e-4
     lr_calibration: float = 2e-2
+    lr_thresholds: float = 1e-2
     lr_final: float = 0.05
     seed: int = 0
     holdout_fraction: float = 0.1
@@ -94,6 +95,8 @@ class TrainConfig:
             raise ValueError("holdout_fraction must be in [0, 1) and clean_fraction in [0, 1]")
         if not 0 < self.lr_final <= 1:
             raise ValueError(f"lr_final must be in (0, 1], got {self.lr_final}")
+        if self.lr_thresholds < 0 or self.lr_calibration < 0:
+            raise ValueError("lr_thresholds and lr_calibration must be >= 0")
         if self.sigma_max < 0 or self.lr <= 0 or self.eps <= 0 or self.calibration_knots < 2:
             raise ValueError("sigma_max must be >= 0, lr and eps > 0, calibration_knots >= 2")
 
@@ -120,23 +123,17 @@ def orthonormal_atoms(channels: int, kernel_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_dictionaries(model: CSCAutoencoder, crops: torch.Tensor, seed: int = 0) -> None:
-    """A starting point for training. A stride-1 stage with at least ``C k^2`` atoms starts from the
-    tight frame of ``orthonormal_atoms`` (any extra atoms random); other first stages from random patches
-    of ``crops`` (B, C, H, W), mean removed; other later stages keep their random start.
+def init_dictionaries(model: CSCAutoencoder) -> None:
+    """A starting point for training: a stage with at least ``C k^2`` atoms starts from the orthonormal basis
+    of ``orthonormal_atoms`` (a tight frame at stride 1; extra atoms keep their random start), a first stage
+    with fewer from the first ``num_atoms`` of that basis (all luminance atoms, then the colour ones), and
+    any other stage from its random start.
     """
-    gen = torch.Generator().manual_seed(seed)
     for index, stage in enumerate(model.stages):
         k, c = stage.kernel_size, stage.in_channels
-        if stage.stride == 1 and stage.num_atoms >= c * k * k:
-            stage.dictionary[: c * k * k] = orthonormal_atoms(c, k)
-        elif index == 0:
-            patches = F.unfold(crops - model.input_mean, k).transpose(1, 2).reshape(-1, c * k * k)
-            energy = patches.var(dim=1)
-            pool = patches[energy >= energy.median()]  # patches with structure
-            picked = pool[torch.randperm(pool.shape[0], generator=gen)[: stage.num_atoms]]
-            picked = picked - picked.mean(dim=1, keepdim=True)
-            stage.dictionary[: picked.shape[0]] = picked.reshape(-1, c, k, k)
+        if stage.num_atoms >= c * k * k or index == 0:
+            n = min(stage.num_atoms, c * k * k)
+            stage.dictionary[:n] = orthonormal_atoms(c, k)[:n]
     model.normalize_dictionaries()
     model.update_step_sizes()
 
@@ -155,7 +152,8 @@ def encode_with(model: CSCAutoencoder, x: torch.Tensor, scale: torch.Tensor, fro
     z = x - model.input_mean
     for stage in model.stages:
         weight = stage.dictionary.detach() if frozen else stage.dictionary
-        z = stage.fista(z, weight, stage.threshold(z, scale))
+        thresh = stage.threshold(z, scale)  # (B, K, 1, 1): per-atom weights times the per-sample scale
+        z = stage.fista(z, weight, thresh.detach() if frozen else thresh)
     return z
 
 
@@ -216,7 +214,11 @@ class Trainer:
         self.train_set, self.holdout = train_set, holdout
         self.calibration = Calibration(config.sigma_max, config.calibration_knots, model.config.noise_calibration)
         dictionaries = [s.dictionary for s in model.stages]
-        groups = [{"params": dictionaries}, {"params": self.calibration.parameters(), "lr": config.lr_calibration}]
+        groups = [
+            {"params": dictionaries},
+            {"params": [s.lmbda_weights for s in model.stages], "lr": config.lr_thresholds},
+            {"params": self.calibration.parameters(), "lr": config.lr_calibration},
+        ]
         if config.alternate:
             # One optimizer per player: each keeps its own moment estimates of the shared dictionaries.
             self.optimizers = {
@@ -247,6 +249,7 @@ class Trainer:
         _average_gradients([p for group in optimizer.param_groups for p in group["params"]])
         optimizer.step()
         self.model.normalize_dictionaries()
+        self.model.clamp_lmbda_weights()
         self.model.update_step_sizes(num_iters=self.config.power_iters)
 
     def _set_learning_rates(self, step: int) -> None:
