@@ -112,7 +112,10 @@ def _eval(args: argparse.Namespace) -> None:
     print(result.summary())
     if args.json:
         record = dataclasses.asdict(result) | {"model": str(args.model), "data": str(args.data), "seed": args.seed}
-        Path(args.json).write_text(json.dumps(record, indent=2))
+        from models.serialization import atomic_write
+
+        text = json.dumps(record, indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
 
 
 def add_eval(commands: argparse._SubParsersAction) -> None:
