@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
+from .cli_bench import add_bench
+from .cli_export import add_export
 from .cli_train import add_eval, add_train
 
 DESCRIPTION = """\
@@ -45,7 +47,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_train, add_eval, _add_viz)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_train, add_eval, add_export, add_bench, _add_viz)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,10 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("csc: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:  # bad input: one clear line, no traceback
-        print(f"csc {args.run.__name__.lstrip('_')}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        print(f"csc {args.run.__name__.lstrip('_')}: error: {err}", file=sys.stderr)  # one line, no traceback
         return 1
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input or a missing runtime, not a bug (their modules are loaded by then)."""
+    errors: list[type[BaseException]] = [ValueError, OSError]
+    for module, name in (("csc_serve.backends.base", "BackendUnavailable"), ("export.onnx_export", "ExportError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 if __name__ == "__main__":

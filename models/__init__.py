@@ -2,7 +2,7 @@
 
 from .autoencoder import CSCAutoencoder
 from .config import ConfigError, CSCConfig, StageConfig
-from .layer import CSCLayer, fista_momentum
+from .layer import CSCLayer, fista_form, fista_momentum
 from .noise import add_gaussian_noise, estimate_noise_sigma
 from .serialization import ModelLoadError, bundled_models, load_pretrained, save_pretrained
 
@@ -16,6 +16,7 @@ __all__ = [
     "add_gaussian_noise",
     "bundled_models",
     "estimate_noise_sigma",
+    "fista_form",
     "fista_momentum",
     "load_pretrained",
     "save_pretrained",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,24 @@ def fista_momentum(num_steps: int) -> list[float]:
         betas.append((t - 1.0) / t_next)
         t = t_next
     return betas
+
+
+FISTA_FORMS = ("training", "inference")
+_forced_form: str | None = None
+
+
+@contextlib.contextmanager
+def fista_form(form: str | None) -> Iterator[None]:
+    """Run ``CSCLayer.fista`` in the ``"training"`` or ``"inference"`` form inside the block, whatever the
+    mode (``None``: the default, inference form only when traced or compiled). For benchmarks and tests."""
+    global _forced_form
+    if form not in (*FISTA_FORMS, None):
+        raise ValueError(f"form must be one of {FISTA_FORMS} or None, got {form!r}")
+    previous, _forced_form = _forced_form, form
+    try:
+        yield
+    finally:
+        _forced_form = previous
 
 
 def _is_exporting() -> bool:
@@ -278,11 +298,14 @@ class CSCLayer(nn.Module):
     def encode(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """Sparse codes of ``x`` after ``num_steps`` FISTA steps: (B, C, H, W) -> (B, K, H/s, W/s)."""
         self._check_image(x)
-        self.ensure_step_size()
+        if not _is_exporting():
+            self.ensure_step_size()
         return self.fista(x, self.dictionary, self.threshold(x, lmbda_scale))
 
     def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
         """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, K, 1, 1)."""
+        if _forced_form == "inference" or (_forced_form is None and _is_exporting()):
+            return self._fista_inference(x, weight, thresh)
         mode = self.padding_mode
         eta = self.step_size.to(x.dtype)
         shrink = 1.0 - eta * self.mu
@@ -293,6 +316,45 @@ class CSCLayer(nn.Module):
             y = z + beta * (z - z_prev) if beta else z
             z_prev = z
             z = self._prox(shrink * y - eta * self._gram(y, weight, mode) + b, thresh)
+        return z
+
+    def _fista_inference(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+        """``fista`` as traced into inference graphs (ONNX, TensorRT, ``torch.compile``): the same iteration
+        with fewer passes over the codes. ``eta`` is folded into the analysis weights (a constant once
+        exported); the soft threshold is ``v - clip(v, -t, t)``; a 1x1 dictionary applies its Gram step as
+        one matrix, ``(1 - eta * mu) I - eta * D^T D``. Equal to ``fista`` up to float rounding (tested)."""
+        mode = self.padding_mode
+        eta = self.step_size.to(x.dtype)
+        shrink = 1.0 - eta * self.mu
+        scaled = eta * weight
+        b = self._analysis(x, scaled, mode)  # eta * D^T x, constant across steps
+        if self.kernel_size == 1 and self.stride == 1:
+            d = weight.flatten(1)  # (K, C)
+            eye = torch.eye(self.num_atoms, dtype=x.dtype, device=x.device)
+            gram_step = (shrink * eye - eta * (d @ d.t())).view(self.num_atoms, self.num_atoms, 1, 1)
+
+            def gradient_step(y: torch.Tensor) -> torch.Tensor:
+                return F.conv2d(y, gram_step) + b
+        else:
+            keep = shrink if self.mu else None
+            negated = -scaled
+
+            def gradient_step(y: torch.Tensor) -> torch.Tensor:
+                start = y * keep if keep is not None else y
+                # Conv followed by Add: runtimes fuse the sum into the convolution.
+                return self._analysis(self._synthesis(y, weight, mode), negated, mode) + (start + b)
+
+        def prox(v: torch.Tensor) -> torch.Tensor:
+            if self.nonnegative:
+                return F.relu(v - thresh)
+            return v - torch.minimum(torch.maximum(v, -thresh), thresh)
+
+        z = prox(b)
+        z_prev = z
+        for beta in self.momentum[1:]:
+            y = z + beta * (z - z_prev) if beta else z
+            z_prev = z
+            z = prox(gradient_step(y))
         return z
 
     def objective(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

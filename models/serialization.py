@@ -82,14 +82,25 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     raise ModelLoadError(f"{name}: no such model directory or bundled model (bundled: {known})")
 
 
+def _weights(model: CSCAutoencoder) -> dict[str, torch.Tensor]:
+    model.ensure_step_sizes()  # the saved L must belong to the saved dictionaries
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+
+
+def weights_sha256(model: CSCAutoencoder) -> str:
+    """The sha256 ``save_pretrained`` would record for this model's weights, computed in memory."""
+    from safetensors.torch import save
+
+    return hashlib.sha256(save(_weights(model), metadata={"format": "pt"})).hexdigest()
+
+
 def save_pretrained(model: CSCAutoencoder, directory: str | os.PathLike) -> str:
     """Write the model's weights, then its config (which names the weights' sha256). Returns the hash."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.ensure_step_sizes()  # the saved L must belong to the saved dictionaries
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tensors = _weights(model)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     digest = sha256_file(directory / WEIGHTS_NAME)
     document = {

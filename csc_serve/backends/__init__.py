@@ -1,0 +1,158 @@
+"""Runtime backends behind one contract: ``encode``, ``decode``, ``reconstruct`` on numpy arrays.
+
+``load_backend(model, name="auto")`` returns one. ``auto`` takes the fastest that works here: TensorRT (plans
+built for this GPU), then ONNX Runtime CUDA, then ONNX Runtime CPU, then torch. ONNX Runtime and TensorRT
+are imported only when asked for, so a CPU-only install without them still serves through torch.
+
+ONNX graphs come from ``artifacts`` (a ``csc export`` directory) or, when none is given, from a cache
+directory keyed by the weights' hash (``$CSC_CACHE_DIR``, default ``~/.cache/csc-serve``), exported there on
+first use. Either way the manifest must name the weights being served.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from models import CSCAutoencoder, load_pretrained
+from models.serialization import read_config, resolve_model_dir, weights_sha256
+
+from .base import Backend, BackendUnavailable
+
+BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch")
+
+__all__ = ["BACKEND_NAMES", "Backend", "BackendUnavailable", "available_backends", "load_backend", "resolve_model"]
+
+
+def resolve_model(model: str | os.PathLike | CSCAutoencoder) -> tuple[CSCAutoencoder, str, str]:
+    """The model, its weights' sha256 and a display name, from a directory, a bundled name or a module."""
+    if isinstance(model, CSCAutoencoder):
+        return model.eval(), weights_sha256(model), "in-memory model"
+    directory = resolve_model_dir(model)
+    _, document = read_config(directory)
+    return load_pretrained(directory), document["weights_sha256"], str(model)
+
+
+def cache_dir(sha256: str) -> Path:
+    root = Path(os.environ.get("CSC_CACHE_DIR") or Path.home() / ".cache" / "csc-serve")
+    return root / sha256[:16]
+
+
+def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=None, fp16: bool = False) -> Path:
+    """A directory holding the model's ONNX graphs: ``artifacts`` as given, or the cache (exported if needed)."""
+    from export.manifest import ArtifactError, read_manifest
+
+    if artifacts is not None:
+        return Path(artifacts)
+    directory = cache_dir(sha256)
+    try:
+        manifest = read_manifest(directory)
+    except ArtifactError:
+        manifest = None
+    if manifest is not None and manifest["model"]["weights_sha256"] == sha256:
+        if not fp16 or "encode_fp16" in manifest.get("onnx", {}).get("graphs", {}):
+            return directory
+    from export.onnx_export import export_onnx
+
+    export_onnx(model, directory, weights_sha256=sha256, source=source, fp16=fp16)
+    return directory
+
+
+def _onnxruntime(model, sha, source, provider, artifacts, precision, threads):
+    from .onnxruntime_backend import OnnxRuntimeBackend, available_providers
+
+    if provider not in available_providers():
+        raise BackendUnavailable(f"onnxruntime with the {provider} provider is not available here")
+    directory = onnx_artifacts(model, sha, source, artifacts, fp16=precision == "float16")
+    return OnnxRuntimeBackend(model.config, sha, directory, provider=provider, precision=precision, threads=threads)
+
+
+def _tensorrt(model, sha, source, artifacts, precision):
+    from .tensorrt_backend import TensorRTBackend
+
+    directory = Path(artifacts) if artifacts is not None else cache_dir(sha)
+    return TensorRTBackend(model.config, sha, directory, precision=precision)
+
+
+def load_backend(
+    model: str | os.PathLike | CSCAutoencoder,
+    name: str = "auto",
+    *,
+    artifacts: str | os.PathLike | None = None,
+    device: str | None = None,
+    precision: str = "float32",
+    threads: int | None = None,
+    compile: bool = False,
+) -> Backend:
+    """A backend serving ``model`` (directory, bundled name or ``CSCAutoencoder``).
+
+    ``name``: one of ``BACKEND_NAMES``. ``precision``: ``float32``, or ``float16`` (ONNX Runtime, TensorRT:
+    the ``--fp16`` graphs) or ``bfloat16``/``float16`` (torch). ``device`` applies to torch (``cpu``,
+    ``cuda``); ``compile`` wraps torch calls in ``torch.compile``. ``threads``: ONNX Runtime CPU threads.
+    """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
+    module, sha, source = resolve_model(model)
+    if name == "torch":
+        import torch
+
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return _torch_backend(module, dev, precision, compile, sha)
+    if name == "tensorrt":
+        return _tensorrt(module, sha, source, artifacts, precision)
+    if name in ("onnxruntime-cpu", "onnxruntime-cuda"):
+        return _onnxruntime(module, sha, source, name.split("-")[1], artifacts, precision, threads)
+    if name == "onnxruntime":
+        from .onnxruntime_backend import available_providers
+
+        provider = "cuda" if "cuda" in available_providers() else "cpu"
+        return _onnxruntime(module, sha, source, provider, artifacts, precision, threads)
+    return _auto(module, sha, source, artifacts, precision, threads)
+
+
+def _torch_backend(module, device, precision, compile, sha):
+    from .torch_backend import TorchBackend
+
+    return TorchBackend(module, device=device, precision=precision, compile=compile, sha256=sha)
+
+
+def _auto(module, sha, source, artifacts, precision, threads) -> Backend:
+    from export.manifest import ArtifactError
+
+    reasons = []
+    attempts = [
+        ("tensorrt", lambda: _tensorrt(module, sha, source, artifacts, precision)),
+        ("onnxruntime-cuda", lambda: _onnxruntime(module, sha, source, "cuda", artifacts, precision, threads)),
+        ("onnxruntime-cpu", lambda: _onnxruntime(module, sha, source, "cpu", artifacts, precision, threads)),
+    ]
+    for label, attempt in attempts:
+        try:
+            backend = attempt()
+        except (BackendUnavailable, ArtifactError, ImportError) as err:
+            reasons.append(f"{label}: {err}")
+            continue
+        backend.skipped = reasons
+        return backend
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = _torch_backend(module, device, "float32" if precision == "float16" else precision, False, sha)
+    backend.skipped = reasons
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Backend names whose runtime is importable here (artifacts may still be needed)."""
+    names = []
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+
+        if torch.cuda.is_available():
+            names.append("tensorrt")
+    except ImportError:
+        pass
+    from .onnxruntime_backend import available_providers
+
+    names += [f"onnxruntime-{p}" for p in reversed(available_providers())]
+    return names + ["torch"]

@@ -1,0 +1,175 @@
+"""The ONNX Runtime backend: the exported graphs on the CPU or CUDA execution provider.
+
+Session options are set on purpose:
+
+- ``intra_op_num_threads``: the machine's cores (or ``threads``) for a single image; for batches, one
+  single-threaded session per core, each taking chunks of the batch (see ``OnnxRuntimeBackend._run``).
+  ``inter_op_num_threads`` 1, sequential execution: a graph is one chain, nothing runs side by side in it.
+- ``ORT_ENABLE_ALL``: constant folding, elementwise fusions and, on the CPU, the NCHWc convolution layout.
+- A cached optimized model: the first session saves its optimized graph under ``ort_cache/`` in the artifact
+  directory (keyed by ONNX Runtime version, provider and CPU), later sessions load it with optimizations
+  off and start faster. A read-only artifact directory just skips the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from export.manifest import ArtifactError, artifact_path, verify_manifest
+from models import CSCConfig
+
+from .base import Backend, BackendUnavailable
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+CHUNK = 8  # images per worker call: large enough to amortise a call, small enough to keep the codes in cache
+GRAPH_NAMES = ("encode", "decode", "reconstruct")
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailable('onnxruntime is not installed: pip install -e ".[cpu]" (or ".[gpu]")') from None
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """``cpu`` and/or ``cuda``, as this ONNX Runtime build offers them."""
+    try:
+        offered = _ort().get_available_providers()
+    except BackendUnavailable:
+        return []
+    return [name for name, provider in PROVIDERS.items() if provider in offered]
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cpu_fingerprint() -> str:
+    """The optimized CPU graph depends on the instruction set: key the cache by the CPU's flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+
+
+class OnnxRuntimeBackend(Backend):
+    """The exported graphs in ONNX Runtime. ``precision="float16"`` loads the ``*_fp16`` graphs."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        config: CSCConfig,
+        weights_sha256: str,
+        artifact_dir: str | os.PathLike,
+        provider: str = "cpu",
+        precision: str = "float32",
+        threads: int | None = None,
+        cache: bool = True,
+        split_batches: bool = True,
+    ):
+        ort = _ort()
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        if provider not in available_providers():
+            raise BackendUnavailable(f"this onnxruntime build has no {PROVIDERS[provider]}")
+        if precision not in ("float32", "float16"):
+            raise ValueError(f"precision must be float32 or float16, got {precision!r}")
+        super().__init__(config, weights_sha256, provider)
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest = verify_manifest(self.artifact_dir, weights_sha256)
+        self.precision = precision
+        self.threads = threads or usable_cores()
+        graphs = self.manifest.get("onnx", {}).get("graphs", {})
+        suffix = "_fp16" if precision == "float16" else ""
+        # On the CPU, batches are split over one single-threaded session per core (see _run).
+        self.workers = self.threads if split_batches and provider == "cpu" and self.threads > 1 else 1
+        self.sessions, self.worker_sessions = {}, {}
+        for name in GRAPH_NAMES:
+            entry = graphs.get(name + suffix)
+            if entry is None:
+                hint = " --fp16" if suffix else ""
+                raise ArtifactError(f"{self.artifact_dir}: no {name}{suffix} graph (re-export with 'csc export{hint}')")
+            path = artifact_path(self.artifact_dir, entry)
+            self.sessions[name] = self._session(ort, path, entry["sha256"], provider, cache, self.threads)
+            if self.workers > 1:
+                self.worker_sessions[name] = [
+                    self._session(ort, path, entry["sha256"], provider, cache, 1) for _ in range(self.workers)
+                ]
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ort") if self.workers > 1 else None
+
+    def _session(self, ort, path: Path, sha256: str, provider: str, cache: bool, threads: int):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        providers = [PROVIDERS[provider]]
+        cached = self._cache_path(ort, path, sha256, provider) if cache else None
+        if cached is not None and cached.is_file():
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                return ort.InferenceSession(str(cached), options, providers=providers)
+            except Exception:  # a damaged cache entry: rebuild it below
+                cached.unlink(missing_ok=True)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        tmp = None
+        if cached is not None:
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+            options.optimized_model_filepath = str(tmp)
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        if tmp is not None and tmp.is_file():
+            os.replace(tmp, cached)
+        return session
+
+    def _cache_path(self, ort, path: Path, sha256: str, provider: str) -> Path | None:
+        directory = self.artifact_dir / "ort_cache"
+        try:
+            directory.mkdir(exist_ok=True)
+        except OSError:
+            return None
+        if not os.access(directory, os.W_OK):
+            return None
+        key = f"{sha256[:16]}-{provider}-ort{ort.__version__}-{_cpu_fingerprint()}"
+        return directory / f"{path.stem}-{key}.onnx"
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "precision": self.precision,
+            "threads": self.threads,
+            "workers": self.workers,
+            "artifacts": str(self.artifact_dir),
+            "opset": self.manifest.get("onnx", {}).get("opset"),
+        }
+
+    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One image runs on all threads; a batch is cut into chunks of at most ``CHUNK`` images that the
+        single-threaded worker sessions take in turn. The graphs are chains of convolutions and elementwise
+        passes over large code maps, and a session's elementwise kernels gain little from a second thread,
+        so whole images per core beat every core on every op (measured: ``csc bench --ablation``)."""
+        batch = next(iter(inputs.values())).shape[0]
+        if self._pool is None or batch < 2:
+            return self.sessions[graph].run(None, inputs)[0]
+        count = max(self.workers, -(-batch // CHUNK))
+        bounds = np.linspace(0, batch, count + 1).round().astype(int)
+        chunks = [{k: v[a:b] for k, v in inputs.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+        sessions = self.worker_sessions[graph]
+
+        def work(worker: int) -> list[np.ndarray]:
+            return [sessions[worker].run(None, chunk)[0] for chunk in chunks[worker :: self.workers]]
+
+        done = list(self._pool.map(work, range(self.workers)))
+        ordered = [done[i % self.workers][i // self.workers] for i in range(len(chunks))]
+        return np.concatenate(ordered)

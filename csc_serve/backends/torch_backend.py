@@ -1,0 +1,76 @@
+"""The torch backend: the model itself, eager or compiled, float32 or bfloat16, on CPU or CUDA."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from models import CSCAutoencoder
+from models.serialization import weights_sha256
+
+from .base import Backend, BackendUnavailable
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _frozen(compiled):
+    """Compile with inductor's freezing: the weights become constants, so convolutions get prepacked
+    weights and fused epilogues (the additions that follow them)."""
+    import torch._inductor.config as inductor_config
+
+    def call(*args):
+        with inductor_config.patch(freezing=True):
+            return compiled(*args)
+
+    return call
+
+
+class TorchBackend(Backend):
+    """Runs ``CSCAutoencoder`` directly. ``compile=True`` wraps each call in ``torch.compile`` (with freezing;
+    on CUDA with ``mode="reduce-overhead"``: CUDA graphs); ``precision`` casts the weights (inputs and
+    outputs stay float32).
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: CSCAutoencoder,
+        device: str = "cpu",
+        precision: str = "float32",
+        compile: bool = False,
+        sha256: str | None = None,
+    ):
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("torch has no CUDA device here")
+        super().__init__(model.config, sha256 or weights_sha256(model), device)
+        self.precision = precision
+        self.compiled = compile
+        self.dtype = DTYPES[precision]
+        model = copy.deepcopy(model).eval()
+        model.ensure_step_sizes()  # before casting: L is computed once, in float32
+        self.model = model.to(device=device, dtype=self.dtype).requires_grad_(False)
+        calls = {"encode": self.model.encode, "decode": self.model.decode, "reconstruct": self.model.reconstruct}
+        if compile:
+            mode = "reduce-overhead" if device.startswith("cuda") else None
+            calls = {k: _frozen(torch.compile(f, mode=mode, dynamic=False)) for k, f in calls.items()}
+        self._calls = calls
+
+    def describe(self) -> dict:
+        return {**super().describe(), "precision": self.precision, "compiled": self.compiled}
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(device=self.device, dtype=self.dtype)
+
+    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        tensors = {k: self._tensor(v) for k, v in inputs.items()}
+        with torch.inference_mode():
+            if graph == "decode":
+                out = self._calls["decode"](tensors["codes"])
+            else:
+                out = self._calls[graph](tensors["images"], tensors["lmbda_scale"])
+        return out.float().cpu().numpy()

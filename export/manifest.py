@@ -1,0 +1,106 @@
+"""``manifest.json``: what an artifact directory holds and which weights it was exported from.
+
+One manifest per artifact directory::
+
+    {
+      "format": "csc-ctrl-artifacts", "format_version": 1, "created": "2026-11-23T12:00:00+00:00",
+      "model": {"weights_sha256": "...", "source": "csc-ctrl-rgb", "in_channels": 3, "code_channels": 75,
+                "total_stride": 1, "num_steps": [8, 3], "shift_average": false},
+      "onnx": {"opset": 17, "exporter": "...",
+               "graphs": {"encode": {"file": "encode.onnx", "sha256": "...", "precision": "float32",
+                                     "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"],
+                                                 "dtype": "float32"}, ...],
+                                     "outputs": [...], "parity": {...}},
+                          "decode": {...}, "reconstruct": {...}, "encode_fp16": {...}, ...}},
+      "tensorrt": {...},       # written by ``export.tensorrt`` when plans are built
+      "versions": {"torch": "...", "onnx": "...", "onnxruntime": "...", "csc-serve": "..."}
+    }
+
+Loaders call ``verify_manifest`` with the weights hash of the model they serve and refuse anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from models.serialization import atomic_write, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "csc-ctrl-artifacts"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """Exported artifacts that are missing, damaged, or belong to other weights or another machine."""
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that exported or run the artifacts (those that are installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("csc-serve", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically."""
+    path = Path(directory) / MANIFEST_NAME
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Parse ``manifest.json``; ``ArtifactError`` if it is missing or not a manifest of this format."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (export the model with 'csc export MODEL --out {directory}')")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r} is not supported")
+    if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("weights_sha256"), str):
+        raise ArtifactError(f"{path}: no model.weights_sha256")
+    return manifest
+
+
+def verify_manifest(directory: str | os.PathLike, weights_sha256: str) -> dict[str, Any]:
+    """Read the manifest and refuse it unless it was exported from the weights with this sha256."""
+    manifest = read_manifest(directory)
+    exported = manifest["model"]["weights_sha256"]
+    if exported != weights_sha256:
+        raise ArtifactError(
+            f"{Path(directory) / MANIFEST_NAME}: exported from weights {exported[:12]}..., but the model "
+            f"being served has weights {weights_sha256[:12]}...: re-export it with 'csc export'"
+        )
+    return manifest
+
+
+def artifact_path(directory: str | os.PathLike, entry: dict[str, Any], check_hash: bool = True) -> Path:
+    """The file a manifest entry (``{"file": ..., "sha256": ...}``) names, checked against its recorded hash."""
+    name = entry.get("file")
+    if not isinstance(name, str) or Path(name).name != name:
+        raise ArtifactError(f"{directory}: manifest entry has no plain file name: {entry!r}")
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (listed in {MANIFEST_NAME})")
+    if check_hash and entry.get("sha256") != sha256_file(path):
+        raise ArtifactError(f"{path}: sha256 does not match {MANIFEST_NAME}: the file was changed or truncated")
+    return path
