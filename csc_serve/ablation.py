@@ -4,13 +4,14 @@ Variants: eager torch in the training form of FISTA (the baseline) and in the in
 into the analysis weights, soft threshold as ``v - clip(v, -t, t)``, the Gram step of a 1x1 stage as one
 matrix), channels-last, ``torch.compile`` without and with freezing, bfloat16 (with its PSNR cost);
 ONNX Runtime on graphs exported in either form, at each graph optimization level, with 1 and all threads,
-with and without spinning threads. GFLOP/s counts each variant's own convolutions.
+with and without spinning threads, and batches split over one single-threaded session per core. GFLOP/s counts each variant's own convolutions.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,27 +66,50 @@ def _ort_variants(paths: dict[str, Path], images, scale, threads) -> dict[str, C
     import onnxruntime as ort
 
     levels = ort.GraphOptimizationLevel
+    feeds = {"images": images, "lmbda_scale": scale}
+
+    def make_session(form, level, n, spin=True):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = n
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = level
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        return ort.InferenceSession(str(paths[form]), options, providers=["CPUExecutionProvider"])
 
     def session(form, level, n, spin=True):
         def setup():
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = n
-            options.inter_op_num_threads = 1
-            options.graph_optimization_level = level
-            options.log_severity_level = 3
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-            sess = ort.InferenceSession(str(paths[form]), options, providers=["CPUExecutionProvider"])
-            feeds = {"images": images, "lmbda_scale": scale}
+            sess = make_session(form, level, n, spin)
             return lambda: sess.run(None, feeds)[0]
+        return setup
+
+    def workers(level, count, chunk):
+        """``count`` single-threaded sessions, each taking ``chunk`` images at a time (the backend's scheme)."""
+        def setup():
+            pool = ThreadPoolExecutor(count)
+            sessions = [make_session("inference", level, 1) for _ in range(count)]
+            batch = images.shape[0]
+
+            def work(worker):
+                return [sessions[worker].run(None, {k: v[i : i + chunk] for k, v in feeds.items()})[0]
+                        for i in range(worker * chunk, batch, count * chunk)]
+
+            return lambda: list(pool.map(work, range(count)))
         return setup
 
     out = {f"onnxruntime, training-form graph, ORT_ENABLE_ALL, {threads} threads":
            session("training", levels.ORT_ENABLE_ALL, threads)}
     for name in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
         out[f"onnxruntime, {name}, {threads} threads"] = session("inference", getattr(levels, name), threads)
-    out["onnxruntime, ORT_ENABLE_ALL, 1 thread"] = session("inference", levels.ORT_ENABLE_ALL, 1)
-    out[f"onnxruntime, ORT_ENABLE_ALL, {threads} threads, no spinning"] = session(
-        "inference", levels.ORT_ENABLE_ALL, threads, spin=False)
+    out["onnxruntime, ORT_ENABLE_EXTENDED, 1 thread"] = session("inference", levels.ORT_ENABLE_EXTENDED, 1)
+    out[f"onnxruntime, ORT_ENABLE_EXTENDED, {threads} threads, no spinning"] = session(
+        "inference", levels.ORT_ENABLE_EXTENDED, threads, spin=False)
+    if threads > 1:
+        for chunk in (8, 2, 1):
+            out[f"onnxruntime, {threads} 1-thread sessions, {chunk} image(s) per call"] = workers(
+                levels.ORT_ENABLE_EXTENDED, threads, chunk)
+        out[f"onnxruntime, {threads} 1-thread sessions, 1 image per call, ORT_ENABLE_ALL"] = workers(
+            levels.ORT_ENABLE_ALL, threads, 1)
     return out
 
 

@@ -320,9 +320,11 @@ class CSCLayer(nn.Module):
 
     def _fista_inference(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
         """``fista`` as traced into inference graphs (ONNX, TensorRT, ``torch.compile``): the same iteration
-        with fewer passes over the codes. ``eta`` is folded into the analysis weights (a constant once
-        exported); the soft threshold is ``v - clip(v, -t, t)``; a 1x1 dictionary applies its Gram step as
-        one matrix, ``(1 - eta * mu) I - eta * D^T D``. Equal to ``fista`` up to float rounding (tested)."""
+        with fewer passes over the code maps, which outnumber the image channels. The gradient step is
+        ``(1 - eta * mu) y + eta D^T (x - D y)``, with the residual formed on the input channels and ``eta``
+        folded into the analysis weights (a constant once exported); the soft threshold is
+        ``v - clip(v, -t, t)``; a 1x1 dictionary applies its Gram step as one matrix,
+        ``(1 - eta * mu) I - eta * D^T D``, plus ``eta D^T x``. Equal to ``fista`` up to float rounding (tested)."""
         mode = self.padding_mode
         eta = self.step_size.to(x.dtype)
         shrink = 1.0 - eta * self.mu
@@ -337,12 +339,11 @@ class CSCLayer(nn.Module):
                 return F.conv2d(y, gram_step) + b
         else:
             keep = shrink if self.mu else None
-            negated = -scaled
 
             def gradient_step(y: torch.Tensor) -> torch.Tensor:
                 start = y * keep if keep is not None else y
-                # Conv followed by Add: runtimes fuse the sum into the convolution.
-                return self._analysis(self._synthesis(y, weight, mode), negated, mode) + (start + b)
+                # eta D^T (x - D y): the subtraction happens on the C input channels, not the K code maps.
+                return self._analysis(x - self._synthesis(y, weight, mode), scaled, mode) + start
 
         def prox(v: torch.Tensor) -> torch.Tensor:
             if self.nonnegative:

@@ -13,7 +13,7 @@ import export.onnx_export as onnx_export
 from export import ArtifactError, ExportError, export_onnx, verify_manifest
 from export.flops import conv_flops
 from export.manifest import artifact_path, read_manifest
-from models import CSCAutoencoder, CSCLayer, StageConfig
+from models import CSCAutoencoder, CSCLayer, StageConfig, fista_form
 from models.serialization import weights_sha256
 
 from .conftest import tiny_config
@@ -193,3 +193,17 @@ def test_csc_export_bad_input_gives_one_line(args, message):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fista_form_switches_eager_encoding_and_restores_the_default(images):
+    model = _model(nonnegative=False)
+    with torch.no_grad():
+        default = model.encode(images)
+        with fista_form("inference"):
+            inference = model.encode(images)
+        again = model.encode(images)
+    torch.testing.assert_close(inference, default, atol=1e-5, rtol=0)  # float32, same iteration reordered
+    assert torch.equal(again, default)
+    with pytest.raises(ValueError, match="form must be"):
+        with fista_form("fast"):
+            pass

@@ -143,15 +143,13 @@ def _auto(module, sha, source, artifacts, precision, threads) -> Backend:
 
 def available_backends() -> list[str]:
     """Backend names whose runtime is importable here (artifacts may still be needed)."""
-    names = []
-    try:
-        import tensorrt  # noqa: F401
-        import torch
+    import importlib.util
 
-        if torch.cuda.is_available():
-            names.append("tensorrt")
-    except ImportError:
-        pass
+    import torch
+
+    names = []
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        names.append("tensorrt")
     from .onnxruntime_backend import available_providers
 
     names += [f"onnxruntime-{p}" for p in reversed(available_providers())]
