@@ -1,10 +1,13 @@
 """One case (encode, default batch 32 at 64x64), one change at a time: what each optimization buys.
 
-Variants: eager torch in the training form of FISTA (the baseline) and in the inference form (``eta`` folded
-into the analysis weights, soft threshold as ``v - clip(v, -t, t)``, the Gram step of a 1x1 stage as one
-matrix), channels-last, ``torch.compile`` without and with freezing, bfloat16 (with its PSNR cost);
-ONNX Runtime on graphs exported in either form, at each graph optimization level, with 1 and all threads,
-with and without spinning threads, and batches split over one single-threaded session per core. GFLOP/s counts each variant's own convolutions.
+Variants: eager torch in the training form of FISTA (the baseline); in the folded form (``eta`` folded
+into the analysis weights, the residual formed on the image channels, soft threshold as ``v - clip(v, -t, t)``
+with per-sample, per-atom thresholds, the Gram step of a 1x1 stage as one matrix); in the inference form
+(folded, plus the scale moved onto the input and codes and the per-atom weights into the dictionary, so one
+constant threshold: one Clip node); channels-last; ``torch.compile`` without and with freezing; bfloat16
+(with its PSNR cost). ONNX Runtime on graphs exported in each form, at each graph optimization level, with 1
+and all threads, with and without spinning threads, and batches split over one single-threaded session per
+core. GFLOP/s counts each variant's own convolutions.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def _torch_variants(model, images, scale, threads) -> dict[str, Callable[[], Cal
 
     return {
         "torch eager, training form (baseline)": eager("training"),
-        "torch eager, inference form": eager("inference"),
+        "torch eager, folded form": eager("folded"),
+        "torch eager, inference form (folded + rescaled)": eager("inference"),
         "torch eager, inference form, channels-last": eager("inference", channels_last=True),
         "torch.compile (inductor)": compiled(False),
         "torch.compile (inductor, freezing)": compiled(True),
@@ -98,7 +102,9 @@ def _ort_variants(paths: dict[str, Path], images, scale, threads) -> dict[str, C
         return setup
 
     out = {f"onnxruntime, training-form graph, ORT_ENABLE_ALL, {threads} threads":
-           session("training", levels.ORT_ENABLE_ALL, threads)}
+           session("training", levels.ORT_ENABLE_ALL, threads),
+           f"onnxruntime, folded-form graph, ORT_ENABLE_EXTENDED, {threads} threads":
+           session("folded", levels.ORT_ENABLE_EXTENDED, threads)}
     for name in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
         out[f"onnxruntime, {name}, {threads} threads"] = session("inference", getattr(levels, name), threads)
     out["onnxruntime, ORT_ENABLE_EXTENDED, 1 thread"] = session("inference", levels.ORT_ENABLE_EXTENDED, 1)
@@ -129,7 +135,7 @@ def run_ablation(model, sha: str, batch: int, size: int, threads: int, peak: flo
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths, flops = {}, {}
-        for form in ("training", "inference"):
+        for form in ("training", "folded", "inference"):
             with fista_form(form):
                 export_onnx(model, Path(tmp) / form, weights_sha256=sha, graphs=("encode", "reconstruct"))
             paths[form] = Path(tmp) / form / "encode.onnx"
@@ -138,7 +144,7 @@ def run_ablation(model, sha: str, batch: int, size: int, threads: int, peak: flo
         for name, setup in variants.items():
             call = setup()
             timing = time_call(call, min_time, min_repeats)
-            form = "training" if "training" in name else "inference"
+            form = next((f for f in ("training", "folded") if f"{f} form" in name or f"{f}-form" in name), "inference")
             gflops = flops[form] / 1e9 / timing["median_s"]
             rows.append({"variant": name, **timing, "images_per_s": batch / timing["median_s"],
                          "conv_gflop": flops[form] / 1e9, "gflops_per_s": gflops, "fraction_of_peak": gflops / peak})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -27,14 +28,19 @@ def fista_momentum(num_steps: int) -> list[float]:
     return betas
 
 
-FISTA_FORMS = ("training", "inference")
+FISTA_FORMS = ("training", "inference", "folded")
+# lmbda_scale is floored here in the rescaled form (it divides the input): the threshold it leaves at a
+# requested 0 moves the codes by about 1e-9, far below float32 parity tolerances.
+SCALE_FLOOR = 1e-6
 _forced_form: str | None = None
 
 
 @contextlib.contextmanager
 def fista_form(form: str | None) -> Iterator[None]:
-    """Run ``CSCLayer.fista`` in the ``"training"`` or ``"inference"`` form inside the block, whatever the
-    mode (``None``: the default, inference form only when traced or compiled). For benchmarks and tests."""
+    """Encode in one form of FISTA inside the block, whatever the mode: ``"training"``, ``"inference"``
+    (what tracing exports: rescaled where the model allows, else folded; see ``CSCLayer._fista_inference``
+    and ``CSCLayer._encode_rescaled``) or ``"folded"``. ``None``: the default, training form in eager mode,
+    inference form when traced (folded when compiled). For benchmarks and tests."""
     global _forced_form
     if form not in (*FISTA_FORMS, None):
         raise ValueError(f"form must be one of {FISTA_FORMS} or None, got {form!r}")
@@ -300,11 +306,13 @@ class CSCLayer(nn.Module):
         self._check_image(x)
         if not _is_exporting():
             self.ensure_step_size()
+        if self._rescaled_form_applies(x):
+            return self._encode_rescaled(x, lmbda_scale)
         return self.fista(x, self.dictionary, self.threshold(x, lmbda_scale))
 
     def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
         """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, K, 1, 1)."""
-        if _forced_form == "inference" or (_forced_form is None and _is_exporting()):
+        if _forced_form in ("inference", "folded") or (_forced_form is None and _is_exporting()):
             return self._fista_inference(x, weight, thresh)
         mode = self.padding_mode
         eta = self.step_size.to(x.dtype)
@@ -318,22 +326,30 @@ class CSCLayer(nn.Module):
             z = self._prox(shrink * y - eta * self._gram(y, weight, mode) + b, thresh)
         return z
 
-    def _fista_inference(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+    def _fista_inference(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor | None,
+                         analysis: torch.Tensor | None = None, gram_scale: torch.Tensor | None = None,
+                         threshold: float | None = None) -> torch.Tensor:
         """``fista`` as traced into inference graphs (ONNX, TensorRT, ``torch.compile``): the same iteration
         with fewer passes over the code maps, which outnumber the image channels. The gradient step is
         ``(1 - eta * mu) y + eta D^T (x - D y)``, with the residual formed on the input channels and ``eta``
         folded into the analysis weights (a constant once exported); the soft threshold is
         ``v - clip(v, -t, t)``; a 1x1 dictionary applies its Gram step as one matrix,
-        ``(1 - eta * mu) I - eta * D^T D``, plus ``eta D^T x``. Equal to ``fista`` up to float rounding (tested)."""
+        ``(1 - eta * mu) I - eta * D^T D``, plus ``eta D^T x``. Equal to ``fista`` up to float rounding (tested).
+
+        ``_encode_rescaled`` passes its own ``analysis`` weights, the per-atom ``gram_scale`` ``w`` (the 1x1
+        Gram step becomes ``diag(1/w) G diag(w)``) and one scalar ``threshold`` in place of ``thresh``."""
         mode = self.padding_mode
         eta = self.step_size.to(x.dtype)
         shrink = 1.0 - eta * self.mu
-        scaled = eta * weight
+        scaled = eta * weight if analysis is None else analysis
         b = self._analysis(x, scaled, mode)  # eta * D^T x, constant across steps
         if self.kernel_size == 1 and self.stride == 1:
-            d = weight.flatten(1)  # (K, C)
+            d = (weight if gram_scale is None else self.dictionary).to(x.dtype).flatten(1)  # (K, C): D itself
             eye = torch.eye(self.num_atoms, dtype=x.dtype, device=x.device)
-            gram_step = (shrink * eye - eta * (d @ d.t())).view(self.num_atoms, self.num_atoms, 1, 1)
+            gram = shrink * eye - eta * (d @ d.t())  # (K, K)
+            if gram_scale is not None:
+                gram = gram * gram_scale.view(1, -1) / gram_scale.view(-1, 1)
+            gram_step = gram.view(self.num_atoms, self.num_atoms, 1, 1)
 
             def gradient_step(y: torch.Tensor) -> torch.Tensor:
                 return F.conv2d(y, gram_step) + b
@@ -346,6 +362,8 @@ class CSCLayer(nn.Module):
                 return self._analysis(x - self._synthesis(y, weight, mode), scaled, mode) + start
 
         def prox(v: torch.Tensor) -> torch.Tensor:
+            if threshold is not None:  # a constant: one Clip node (ONNX Runtime's Shrink kernel is scalar code)
+                return F.relu(v - threshold) if self.nonnegative else v - v.clamp(-threshold, threshold)
             if self.nonnegative:
                 return F.relu(v - thresh)
             return v - torch.minimum(torch.maximum(v, -thresh), thresh)
@@ -357,6 +375,46 @@ class CSCLayer(nn.Module):
             z_prev = z
             z = prox(gradient_step(y))
         return z
+
+    def _rescaled_form_applies(self, x: torch.Tensor) -> bool:
+        """The rescaled form: for an inference form outside ``torch.compile`` (which fuses the elementwise
+        passes itself), in float32 or bfloat16 (float16 cannot hold the rescaled input of small scales),
+        with penalty weights that all divide safely. Decided on constants, so a trace stays valid."""
+        form = _forced_form if _forced_form is not None else ("inference" if _is_exporting() else "training")
+        if form != "inference" or torch.compiler.is_compiling() or x.dtype == torch.float16:
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a property of the weights, not the data
+            w = self.lmbda_weights.detach()
+            return bool(w.min() > 1e-4 * w.max())
+
+    def _encode_rescaled(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None) -> torch.Tensor:
+        r"""``encode`` with one constant threshold, so the soft threshold is a single ``Shrink`` pass.
+
+        FISTA is positively homogeneous: every step is linear in ``(x, y)`` except the threshold, and
+        ``prox_{s t}(s v) = s prox_t(v)`` for ``s > 0``. So the codes at scale ``s`` are ``s`` times the codes
+        of ``x / s`` at scale 1. With ``u_k = z_k / w_k`` the per-atom weights move into the dictionary
+        (synthesis ``D diag(w)``, analysis ``diag(1/w) D^T``) and every atom shares the threshold
+        ``eta * lmbda``. Then ``z = s * w * u``. Equal to ``fista`` up to float rounding (tested).
+        """
+        batch = x.shape[0]
+        w = self.lmbda_weights.to(x.dtype)
+        multiplier = w.view(1, -1, 1, 1)  # (1, K, 1, 1)
+        if lmbda_scale is not None:
+            scale = torch.as_tensor(lmbda_scale, dtype=x.dtype, device=x.device)
+            if not _is_exporting() and (scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, batch))):
+                raise ValueError(f"lmbda_scale must be a scalar or have shape ({batch},), got {tuple(scale.shape)}")
+            scale = scale.expand(batch).reshape(-1, 1, 1, 1).clamp(min=SCALE_FLOOR)  # (B, 1, 1, 1)
+            x = x / scale
+            multiplier = multiplier * scale  # (B, K, 1, 1)
+        eta = self.step_size.to(x.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a constant of the exported graph
+            threshold = float(eta * self.lmbda)
+        synthesis = self.dictionary * w.view(-1, 1, 1, 1)  # D diag(w)
+        analysis = eta * self.dictionary / w.view(-1, 1, 1, 1)  # eta diag(1/w) D^T
+        u = self._fista_inference(x, synthesis, None, analysis=analysis, gram_scale=w, threshold=threshold)
+        return u * multiplier
 
     def objective(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``0.5 ||x - D z||^2 + lmbda sum_k w_k ||z_k||_1 + mu/2 ||z||^2`` per sample, shape (B,)."""

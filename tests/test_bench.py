@@ -88,3 +88,25 @@ def test_csc_bench_bad_arguments_give_one_line(args, message, model_dir):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ablation_times_every_variant_on_the_same_case(model_dir):
+    from csc_serve.ablation import run_ablation
+    from models.serialization import weights_sha256
+
+    model = CSCAutoencoder.from_pretrained(model_dir)
+    rows = run_ablation(model, weights_sha256(model), batch=2, size=16, threads=2, peak=100.0, data=None,
+                        min_time=0.0, min_repeats=1)
+    timed = [r for r in rows if "median_s" in r]
+    names = [r["variant"] for r in timed]
+    assert names[0] == "torch eager, training form (baseline)" and timed[0]["speedup_vs_baseline"] == 1.0
+    for expected in ("folded form", "torch.compile", "bfloat16", "ORT_ENABLE_EXTENDED", "1-thread sessions"):
+        assert any(expected in n for n in names), expected
+    for r in timed:
+        assert r["median_s"] > 0 and r["conv_gflop"] > 0
+        assert r["fraction_of_peak"] == pytest.approx(r["gflops_per_s"] / 100.0)
+    # Folding eta into the weights and rescaling change no convolution: the same FLOPs in both forms.
+    flops = {n: r["conv_gflop"] for n, r in zip(names, timed)}
+    assert flops["torch eager, folded form"] == pytest.approx(flops["torch eager, inference form (folded + rescaled)"])
+    cost = rows[-1]
+    assert cost["variant"].startswith("precision cost") and cost["reconstruct_psnr_db_bfloat16"] > 0

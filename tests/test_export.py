@@ -82,6 +82,43 @@ def test_inference_form_of_fista_equals_the_training_form(nonnegative, kernel_si
     torch.testing.assert_close(layer._fista_inference(x, layer.dictionary, thresh), reference, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize("kernel_size,stride,mu", [(5, 1, 0.0), (3, 2, 0.2), (1, 1, 0.3)])
+def test_rescaled_form_equals_the_training_form(nonnegative, kernel_size, stride, mu):
+    torch.manual_seed(2)
+    layer = CSCLayer(4, 6, kernel_size, stride=stride, lmbda=0.05, num_steps=6, nonnegative=nonnegative, mu=mu).double()
+    with torch.no_grad():
+        layer.lmbda_weights.copy_(torch.linspace(0.3, 2.0, 6))
+    x = torch.randn(3, 4, 12, 8, dtype=torch.float64)
+    scale = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    with torch.no_grad():
+        reference = layer.encode(x, scale)
+        with fista_form("inference"):
+            assert layer._rescaled_form_applies(x)
+            rescaled = layer.encode(x, scale)
+            at_zero = layer.encode(x, torch.zeros(3, dtype=torch.float64))
+        zero_reference = layer.encode(x, torch.zeros(3, dtype=torch.float64))
+    assert (reference == 0).any() and reference.abs().sum() > 0
+    torch.testing.assert_close(rescaled, reference, atol=1e-12, rtol=1e-12)  # exact up to float64 rounding
+    # A requested scale of 0 runs at SCALE_FLOOR: a threshold a million times smaller than at scale 1.
+    torch.testing.assert_close(at_zero, zero_reference, atol=1e-6, rtol=0)
+
+
+def test_rescaled_form_falls_back_where_a_penalty_weight_is_zero():
+    torch.manual_seed(3)
+    layer = CSCLayer(3, 5, 3, lmbda=0.1, num_steps=5, nonnegative=False).double()
+    with torch.no_grad():
+        layer.lmbda_weights[2] = 0.0  # atom 2 is never thresholded: u = z / w is undefined
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    with torch.no_grad():
+        reference = layer.encode(x, 2.0)
+        with fista_form("inference"):
+            assert not layer._rescaled_form_applies(x)
+            out = layer.encode(x, 2.0)
+    torch.testing.assert_close(out, reference, atol=1e-12, rtol=1e-12)
+    assert (out[:, 2] != 0).all()
+
+
 def test_one_self_contained_checker_clean_file_per_graph(tmp_path):
     manifest = _export(_model(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.onnx", "encode.onnx", "manifest.json", "reconstruct.onnx"]
