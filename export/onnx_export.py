@@ -39,6 +39,11 @@ class ExportError(RuntimeError):
     """An exported graph that is invalid or does not match the torch model."""
 
 
+# The form of the traced graphs (models.layer: folded and rescaled FISTA). Cached graphs of another
+# revision are exported again.
+GRAPH_REVISION = 2
+
+
 def _example_sizes(stride: int) -> list[tuple[int, int]]:
     """Two stride-aligned sizes, neither square, so a transposed height/width shows up."""
     def align(n: int) -> int:
@@ -217,6 +222,7 @@ def export_onnx(
         "onnx": {
             "opset": opset,
             "exporter": f"torch.onnx TorchScript tracer (torch {torch.__version__})",
+            "graph_revision": GRAPH_REVISION,
             "parity_tolerance": PARITY_TOLERANCE,
             "parity_lmbda_scales": list(PARITY_SCALES),
             "graphs": entries,

@@ -91,6 +91,28 @@ def test_artifacts_of_other_weights_are_refused(model_dir, tmp_path, cache):
         load_backend(model_dir, "onnxruntime", artifacts=tmp_path / "other")
 
 
+def test_cached_graphs_are_reused_until_the_graph_revision_changes(model_dir, cache):
+    import json
+
+    from csc_serve.backends import cache_dir, onnx_artifacts
+
+    model = CSCAutoencoder.from_pretrained(model_dir)
+    sha = weights_sha256(model)
+    directory = onnx_artifacts(model, sha, str(model_dir))
+    assert directory == cache_dir(sha)
+    manifest_path = directory / "manifest.json"
+    written = (directory / "encode.onnx").stat().st_mtime_ns
+    onnx_artifacts(model, sha, str(model_dir))
+    assert (directory / "encode.onnx").stat().st_mtime_ns == written  # reused, not exported again
+    old = json.loads(manifest_path.read_text())
+    old["onnx"]["graph_revision"] = 1
+    manifest_path.write_text(json.dumps(old))
+    onnx_artifacts(model, sha, str(model_dir))
+    from export.onnx_export import GRAPH_REVISION
+
+    assert json.loads(manifest_path.read_text())["onnx"]["graph_revision"] == GRAPH_REVISION
+
+
 def test_optimized_model_cache_is_written_then_reused(model_dir, tmp_path):
     model = CSCAutoencoder.from_pretrained(model_dir)
     export_onnx(model, tmp_path / "art", weights_sha256=weights_sha256(model))

@@ -49,7 +49,10 @@ def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=No
         manifest = read_manifest(directory)
     except ArtifactError:
         manifest = None
-    if manifest is not None and manifest["model"]["weights_sha256"] == sha256:
+    from export.onnx_export import GRAPH_REVISION
+
+    current = manifest is not None and manifest.get("onnx", {}).get("graph_revision") == GRAPH_REVISION
+    if current and manifest["model"]["weights_sha256"] == sha256:
         if not fp16 or "encode_fp16" in manifest.get("onnx", {}).get("graphs", {}):
             return directory
     from export.onnx_export import export_onnx
