@@ -291,10 +291,15 @@ class CSCLayer(nn.Module):
         base = (self.step_size * self.lmbda * self.lmbda_weights).to(x.dtype).view(1, -1, 1, 1)  # (1, K, 1, 1)
         if lmbda_scale is None:
             return base.expand(x.shape[0], -1, 1, 1)
+        return base * self._sample_scale(x, lmbda_scale)
+
+    @staticmethod
+    def _sample_scale(x: torch.Tensor, lmbda_scale: torch.Tensor | float) -> torch.Tensor:
+        """``lmbda_scale`` as one value per sample, shape (B, 1, 1, 1)."""
         scale = torch.as_tensor(lmbda_scale, dtype=x.dtype, device=x.device)
         if not _is_exporting() and (scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, x.shape[0]))):
             raise ValueError(f"lmbda_scale must be a scalar or have shape ({x.shape[0]},), got {tuple(scale.shape)}")
-        return base * scale.expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        return scale.expand(x.shape[0]).reshape(-1, 1, 1, 1)
 
     def _prox(self, v: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
         if self.nonnegative:
@@ -389,7 +394,7 @@ class CSCLayer(nn.Module):
             return bool(w.min() > 1e-4 * w.max())
 
     def _encode_rescaled(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None) -> torch.Tensor:
-        r"""``encode`` with one constant threshold, so the soft threshold is a single ``Shrink`` pass.
+        r"""``encode`` with one constant threshold: the soft threshold is ``v - clip(v, -t, t)``, two passes.
 
         FISTA is positively homogeneous: every step is linear in ``(x, y)`` except the threshold, and
         ``prox_{s t}(s v) = s prox_t(v)`` for ``s > 0``. So the codes at scale ``s`` are ``s`` times the codes
@@ -397,14 +402,10 @@ class CSCLayer(nn.Module):
         (synthesis ``D diag(w)``, analysis ``diag(1/w) D^T``) and every atom shares the threshold
         ``eta * lmbda``. Then ``z = s * w * u``. Equal to ``fista`` up to float rounding (tested).
         """
-        batch = x.shape[0]
         w = self.lmbda_weights.to(x.dtype)
         multiplier = w.view(1, -1, 1, 1)  # (1, K, 1, 1)
         if lmbda_scale is not None:
-            scale = torch.as_tensor(lmbda_scale, dtype=x.dtype, device=x.device)
-            if not _is_exporting() and (scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, batch))):
-                raise ValueError(f"lmbda_scale must be a scalar or have shape ({batch},), got {tuple(scale.shape)}")
-            scale = scale.expand(batch).reshape(-1, 1, 1, 1).clamp(min=SCALE_FLOOR)  # (B, 1, 1, 1)
+            scale = self._sample_scale(x, lmbda_scale).clamp(min=SCALE_FLOOR)  # (B, 1, 1, 1)
             x = x / scale
             multiplier = multiplier * scale  # (B, K, 1, 1)
         eta = self.step_size.to(x.dtype)
