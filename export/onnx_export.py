@@ -39,7 +39,7 @@ class ExportError(RuntimeError):
     """An exported graph that is invalid or does not match the torch model."""
 
 
-# The form of the traced graphs (models.layer: folded and rescaled FISTA). Cached graphs of another
+# The form of the traced graphs (models.fista, models.layer: folded and rescaled FISTA). Cached graphs of another
 # revision are exported again.
 GRAPH_REVISION = 2
 

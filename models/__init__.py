@@ -2,7 +2,8 @@
 
 from .autoencoder import CSCAutoencoder
 from .config import ConfigError, CSCConfig, StageConfig
-from .layer import CSCLayer, fista_form, fista_momentum
+from .fista import fista_form, fista_momentum
+from .layer import CSCLayer
 from .noise import add_gaussian_noise, estimate_noise_sigma
 from .serialization import ModelLoadError, bundled_models, load_pretrained, save_pretrained
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from .calibration import interpolate_scale
 from .config import CSCConfig
-from .layer import CSCLayer, _is_exporting
+from .fista import _is_exporting
+from .layer import CSCLayer
 from .noise import estimate_noise_sigma
 
 

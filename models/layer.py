@@ -2,62 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
 import warnings
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fista import SCALE_FLOOR, _is_exporting, fista_momentum, forced_form
+
 PADDING_MODES = ("zeros", "circular")
-
-
-def fista_momentum(num_steps: int) -> list[float]:
-    """Momentum coefficients ``beta_k = (t_k - 1) / t_{k+1}`` for steps ``k = 1 .. num_steps``.
-
-    ``t_1 = 1`` and ``t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2``. They depend only on the step index, so the
-    unrolled graph holds them as constants.
-    """
-    betas, t = [], 1.0
-    for _ in range(num_steps):
-        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        betas.append((t - 1.0) / t_next)
-        t = t_next
-    return betas
-
-
-FISTA_FORMS = ("training", "inference", "folded")
-# lmbda_scale is floored here in the rescaled form (it divides the input): the threshold it leaves at a
-# requested 0 moves the codes by about 1e-9, far below float32 parity tolerances.
-SCALE_FLOOR = 1e-6
-_forced_form: str | None = None
-
-
-@contextlib.contextmanager
-def fista_form(form: str | None) -> Iterator[None]:
-    """Encode in one form of FISTA inside the block, whatever the mode: ``"training"``, ``"inference"``
-    (what tracing exports: rescaled where the model allows, else folded; see ``CSCLayer._fista_inference``
-    and ``CSCLayer._encode_rescaled``) or ``"folded"``. ``None``: the default, training form in eager mode,
-    inference form when traced (folded when compiled). For benchmarks and tests."""
-    global _forced_form
-    if form not in (*FISTA_FORMS, None):
-        raise ValueError(f"form must be one of {FISTA_FORMS} or None, got {form!r}")
-    previous, _forced_form = _forced_form, form
-    try:
-        yield
-    finally:
-        _forced_form = previous
-
-
-def _is_exporting() -> bool:
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-    )
 
 
 def _fold_circular(y: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
@@ -317,7 +270,8 @@ class CSCLayer(nn.Module):
 
     def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
         """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, K, 1, 1)."""
-        if _forced_form in ("inference", "folded") or (_forced_form is None and _is_exporting()):
+        forced = forced_form()
+        if forced in ("inference", "folded") or (forced is None and _is_exporting()):
             return self._fista_inference(x, weight, thresh)
         mode = self.padding_mode
         eta = self.step_size.to(x.dtype)
@@ -385,7 +339,7 @@ class CSCLayer(nn.Module):
         """The rescaled form: for an inference form outside ``torch.compile`` (which fuses the elementwise
         passes itself), in float32 or bfloat16 (float16 cannot hold the rescaled input of small scales),
         with penalty weights that all divide safely. Decided on constants, so a trace stays valid."""
-        form = _forced_form if _forced_form is not None else ("inference" if _is_exporting() else "training")
+        form = forced_form() or ("inference" if _is_exporting() else "training")
         if form != "inference" or torch.compiler.is_compiling() or x.dtype == torch.float16:
             return False
         with warnings.catch_warnings():
