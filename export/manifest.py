@@ -4,7 +4,8 @@ One manifest per artifact directory::
 
     {
       "format": "csc-ctrl-artifacts", "format_version": 1, "created": "2026-11-23T12:00:00+00:00",
-      "model": {"weights_sha256": "...", "source": "csc-ctrl-rgb", "in_channels": 3, "code_channels": 75,
+      "model": {"weights_sha256": "...", "config_sha256": "...", "source": "csc-ctrl-rgb", "in_channels": 3,
+                "code_channels": 75,
                 "total_stride": 1, "num_steps": [8, 3], "shift_average": false},
       "onnx": {"opset": 17, "exporter": "...",
                "graphs": {"encode": {"file": "encode.onnx", "sha256": "...", "precision": "float32",
@@ -16,11 +17,13 @@ One manifest per artifact directory::
       "versions": {"torch": "...", "onnx": "...", "onnxruntime": "...", "csc-serve": "..."}
     }
 
-Loaders call ``verify_manifest`` with the weights hash of the model they serve and refuse anything else.
+Loaders call ``verify_manifest`` with the weights hash (and the config hash) of the model they serve and refuse
+anything else: the graphs depend on both, since the config sets the steps, strides and shift averaging.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from datetime import datetime, timezone
@@ -81,14 +84,26 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def verify_manifest(directory: str | os.PathLike, weights_sha256: str) -> dict[str, Any]:
-    """Read the manifest and refuse it unless it was exported from the weights with this sha256."""
+def config_sha256(config) -> str:
+    """The sha256 of a model config's canonical JSON: graphs exported from one config fit no other."""
+    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def verify_manifest(directory: str | os.PathLike, weights_sha256: str, config=None) -> dict[str, Any]:
+    """Read the manifest and refuse it unless it was exported from these weights (and this config, if given)."""
     manifest = read_manifest(directory)
     exported = manifest["model"]["weights_sha256"]
     if exported != weights_sha256:
         raise ArtifactError(
             f"{Path(directory) / MANIFEST_NAME}: exported from weights {exported[:12]}..., but the model "
             f"being served has weights {weights_sha256[:12]}...: re-export it with 'csc export'"
+        )
+    recorded = manifest["model"].get("config_sha256")
+    if config is not None and recorded is not None and recorded != config_sha256(config):
+        raise ArtifactError(
+            f"{Path(directory) / MANIFEST_NAME}: exported from another config of these weights "
+            f"(config {recorded[:12]}...): re-export it with 'csc export'"
         )
     return manifest
 

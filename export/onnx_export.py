@@ -27,7 +27,7 @@ from models import CSCAutoencoder
 from models.serialization import atomic_write, sha256_file
 
 from .graphs import GRAPHS, dynamic_axes, io_shapes
-from .manifest import FORMAT, FORMAT_VERSION, library_versions, utc_now, write_manifest
+from .manifest import FORMAT, FORMAT_VERSION, config_sha256, library_versions, utc_now, write_manifest
 
 OPSET = 17
 # float32 rounding through 10-20 unrolled steps stays near 1e-6; 1e-4 leaves room for other CPUs' kernels.
@@ -212,6 +212,7 @@ def export_onnx(
         "created": utc_now(),
         "model": {
             "weights_sha256": weights_sha256,
+            "config_sha256": config_sha256(config),
             "source": source,
             "in_channels": config.in_channels,
             "code_channels": config.code_channels,

@@ -71,7 +71,7 @@ def test_auto_picks_onnxruntime_here_and_says_why_not_tensorrt(model_dir, cache)
     backend = load_backend(model_dir)
     assert backend.name == "onnxruntime" and backend.device == "cpu"
     assert any(reason.startswith("tensorrt:") for reason in backend.skipped)
-    assert (cache / backend.weights_sha256[:16] / "manifest.json").is_file()  # exported on first use
+    assert (backend.artifact_dir / "manifest.json").is_file() and backend.artifact_dir.parent == cache  # exported
 
 
 def test_decode_crops_to_the_requested_size(model_dir, cache):
@@ -99,7 +99,7 @@ def test_cached_graphs_are_reused_until_the_graph_revision_changes(model_dir, ca
     model = CSCAutoencoder.from_pretrained(model_dir)
     sha = weights_sha256(model)
     directory = onnx_artifacts(model, sha, str(model_dir))
-    assert directory == cache_dir(sha)
+    assert directory == cache_dir(sha, model.config)
     manifest_path = directory / "manifest.json"
     written = (directory / "encode.onnx").stat().st_mtime_ns
     onnx_artifacts(model, sha, str(model_dir))
@@ -111,6 +111,33 @@ def test_cached_graphs_are_reused_until_the_graph_revision_changes(model_dir, ca
     from export.onnx_export import GRAPH_REVISION
 
     assert json.loads(manifest_path.read_text())["onnx"]["graph_revision"] == GRAPH_REVISION
+
+
+def test_same_weights_under_another_config_get_their_own_graphs(tmp_path, cache):
+    """The steps and the shift averaging live in the config: equal weights must not share cached graphs."""
+    import json
+    import shutil
+
+    torch.manual_seed(0)
+    CSCAutoencoder(tiny_config(nonnegative=False)).eval().save_pretrained(tmp_path / "plain")
+    shutil.copytree(tmp_path / "plain", tmp_path / "averaged")
+    config_path = tmp_path / "averaged" / "config.json"
+    document = json.loads(config_path.read_text())
+    document["architecture"]["shift_average"] = True
+    config_path.write_text(json.dumps(document))
+    images, scale = _inputs()
+    first = load_backend(tmp_path / "plain", "onnxruntime")
+    second = load_backend(tmp_path / "averaged", "onnxruntime")
+    assert first.weights_sha256 == second.weights_sha256
+    assert first.artifact_dir != second.artifact_dir
+    for name, backend in (("plain", first), ("averaged", second)):
+        model = CSCAutoencoder.from_pretrained(tmp_path / name)
+        with torch.no_grad():
+            expected = model.reconstruct(torch.from_numpy(images), lmbda_scale=torch.from_numpy(scale)).numpy()
+        np.testing.assert_allclose(backend.reconstruct(images, scale), expected, atol=TOL)
+    assert np.abs(first.reconstruct(images, scale) - second.reconstruct(images, scale)).max() > 1e-3
+    with pytest.raises(ArtifactError, match="another config of these weights"):
+        load_backend(tmp_path / "averaged", "onnxruntime", artifacts=first.artifact_dir)
 
 
 def test_optimized_model_cache_is_written_then_reused(model_dir, tmp_path):

@@ -5,8 +5,9 @@ built for this GPU), then ONNX Runtime CUDA, then ONNX Runtime CPU, then torch. 
 are imported only when asked for, so a CPU-only install without them still serves through torch.
 
 ONNX graphs come from ``artifacts`` (a ``csc export`` directory) or, when none is given, from a cache
-directory keyed by the weights' hash (``$CSC_CACHE_DIR``, default ``~/.cache/csc-serve``), exported there on
-first use. Either way the manifest must name the weights being served.
+directory keyed by the hashes of the weights and the config (``$CSC_CACHE_DIR``, default
+``~/.cache/csc-serve``), exported there on first use. Either way the manifest must name the weights (and
+the config) being served.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def resolve_model(model: str | os.PathLike | CSCAutoencoder) -> tuple[CSCAutoenc
     return load_pretrained(directory), document["weights_sha256"], str(model)
 
 
-def cache_dir(sha256: str) -> Path:
+def cache_dir(sha256: str, config) -> Path:
+    """The cache directory of one model's graphs: weights and config both shape the graphs."""
+    from export.manifest import config_sha256
+
     root = Path(os.environ.get("CSC_CACHE_DIR") or Path.home() / ".cache" / "csc-serve")
-    return root / sha256[:16]
+    return root / f"{sha256[:16]}-{config_sha256(config)[:8]}"
 
 
 def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=None, fp16: bool = False) -> Path:
@@ -44,15 +48,18 @@ def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=No
 
     if artifacts is not None:
         return Path(artifacts)
-    directory = cache_dir(sha256)
+    directory = cache_dir(sha256, model.config)
     try:
         manifest = read_manifest(directory)
     except ArtifactError:
         manifest = None
     from export.onnx_export import GRAPH_REVISION
 
+    from export.manifest import config_sha256
+
     current = manifest is not None and manifest.get("onnx", {}).get("graph_revision") == GRAPH_REVISION
-    if current and manifest["model"]["weights_sha256"] == sha256:
+    same_model = current and manifest["model"]["weights_sha256"] == sha256
+    if same_model and manifest["model"].get("config_sha256") == config_sha256(model.config):
         if not fp16 or "encode_fp16" in manifest.get("onnx", {}).get("graphs", {}):
             return directory
     from export.onnx_export import export_onnx
@@ -73,7 +80,7 @@ def _onnxruntime(model, sha, source, provider, artifacts, precision, threads):
 def _tensorrt(model, sha, source, artifacts, precision):
     from .tensorrt_backend import TensorRTBackend
 
-    directory = Path(artifacts) if artifacts is not None else cache_dir(sha)
+    directory = Path(artifacts) if artifacts is not None else cache_dir(sha, model.config)
     return TensorRTBackend(model.config, sha, directory, precision=precision)
 
 

@@ -42,11 +42,12 @@ def verify_plans(
     compute_capability: str,
     precision: str = "float32",
     device: str = "",
+    config: CSCConfig | None = None,
 ) -> tuple[dict, dict[str, tuple[Path, dict]]]:
     """The manifest and ``{graph: (plan path, plan entry)}``, every check above passed; ``ArtifactError`` if not."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    manifest = verify_manifest(directory, weights_sha256)
+    manifest = verify_manifest(directory, weights_sha256, config)
     section = check_tensorrt_section(manifest, tensorrt_version, compute_capability, device)
     onnx_graphs = manifest.get("onnx", {}).get("graphs", {})
     plans = {}
@@ -111,7 +112,8 @@ class TensorRTBackend(Backend):
         self.gpu = gpu
         self.tensorrt_version = trt.__version__
         self.manifest, plans = verify_plans(
-            self.artifact_dir, weights_sha256, trt.__version__, gpu["compute_capability"], precision, gpu["device"]
+            self.artifact_dir, weights_sha256, trt.__version__, gpu["compute_capability"], precision, gpu["device"],
+            config=config,
         )
         self._trt, self._torch = trt, torch
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
