@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -182,6 +183,16 @@ class CSCLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "lipschitz" in state_dict:  # a saved L belongs to the saved dictionary
             self._mark_synced()
+
+    def __deepcopy__(self, memo):
+        """A copy keeps the step size's sync: the copied ``L`` belongs to the copied dictionary."""
+        synced = self._synced_with == self._dictionary_state()
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        if synced:
+            new._mark_synced()
+        return new
 
     def _apply(self, fn, recurse=True):
         synced = self._synced_with == self._dictionary_state()

@@ -235,3 +235,19 @@ def test_lmbda_scale_of_the_wrong_shape_is_refused():
     layer = make_layer(1, 1, "zeros")
     with pytest.raises(ValueError, match="lmbda_scale"):
         layer.encode(torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+
+
+def test_a_deep_copy_keeps_its_step_size_and_still_tracks_changes(monkeypatch):
+    import copy
+
+    layer = make_layer(1, 1, "zeros")
+    before = layer.update_step_size()
+    clone = copy.deepcopy(layer)
+    calls = []
+    monkeypatch.setattr(type(clone), "update_step_size", lambda self, *a, **k: calls.append(self) or 0.0)
+    assert clone.ensure_step_size() == pytest.approx(before) and calls == []  # no new power iteration
+    with torch.no_grad():
+        clone.dictionary.mul_(2.0)
+    clone.ensure_step_size()
+    assert calls == [clone]  # the copy's own dictionary changes are still seen
+    assert float(layer.lipschitz) == pytest.approx(before)
