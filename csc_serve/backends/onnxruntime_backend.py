@@ -15,6 +15,7 @@ Session options are set on purpose:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
@@ -97,7 +98,7 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"precision must be float32 or float16, got {precision!r}")
         super().__init__(config, weights_sha256, provider)
         self.artifact_dir = Path(artifact_dir)
-        self.manifest = verify_manifest(self.artifact_dir, weights_sha256)
+        self.manifest = verify_manifest(self.artifact_dir, weights_sha256, config)
         self.precision = precision
         self.threads = threads or usable_cores()
         graphs = self.manifest.get("onnx", {}).get("graphs", {})
@@ -166,9 +167,9 @@ class OnnxRuntimeBackend(Backend):
 
     def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One image runs on all threads; a batch is cut into chunks of ``CHUNK`` images that the
-        single-threaded worker sessions take in turn. The graphs are chains of convolutions and elementwise
-        passes over large code maps: one image per core keeps them in cache and beats every core on every
-        op (measured: ``csc bench --ablation``)."""
+        single-threaded worker sessions take from one shared counter, so no core idles while another still
+        holds work. The graphs are chains of convolutions and elementwise passes over large code maps: one
+        image per core keeps them in cache and beats every core on every op (measured: ``csc bench --ablation``)."""
         batch = next(iter(inputs.values())).shape[0]
         if self._pool is None or batch < 2:
             return self.sessions[graph].run(None, inputs)[0]
@@ -176,10 +177,12 @@ class OnnxRuntimeBackend(Backend):
         bounds = np.linspace(0, batch, count + 1).round().astype(int)
         chunks = [{k: v[a:b] for k, v in inputs.items()} for a, b in zip(bounds[:-1], bounds[1:])]
         sessions = self.worker_sessions[graph]
+        taken = itertools.count()  # next() on it is atomic: each chunk goes to exactly one worker
+        results: list[np.ndarray | None] = [None] * len(chunks)
 
-        def work(worker: int) -> list[np.ndarray]:
-            return [sessions[worker].run(None, chunk)[0] for chunk in chunks[worker :: self.workers]]
+        def work(worker: int) -> None:
+            while (index := next(taken)) < len(chunks):
+                results[index] = sessions[worker].run(None, chunks[index])[0]
 
-        done = list(self._pool.map(work, range(self.workers)))
-        ordered = [done[i % self.workers][i // self.workers] for i in range(len(chunks))]
-        return np.concatenate(ordered)
+        list(self._pool.map(work, range(self.workers)))
+        return np.concatenate(results)
