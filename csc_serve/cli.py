@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from . import __version__
 from .cli_bench import add_bench
 from .cli_export import add_export
+from .cli_import import add_import
 from .cli_train import add_eval, add_train
 
 DESCRIPTION = """\
@@ -47,7 +48,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_train, add_eval, add_export, add_bench, _add_viz)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_train, add_eval, add_export, add_bench, add_import, _add_viz
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

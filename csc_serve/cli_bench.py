@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .http_bench import add_http_arguments
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -20,6 +22,10 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.http is not None:  # the HTTP service under load, not the backends
+        from .http_bench import run_from_args
+
+        return run_from_args(args)
     from .bench import CALLS, BenchConfig, format_table, run_bench, write_report
 
     unknown = sorted(set(args.calls) - set(CALLS))
@@ -73,4 +79,5 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--ablation", action="store_true",
                    help="also time encode at the largest batch and smallest size one optimization at a time")
     p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
+    add_http_arguments(p)
     p.set_defaults(run=_bench)

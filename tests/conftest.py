@@ -26,3 +26,14 @@ def tiny_model() -> CSCAutoencoder:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on one PyTorch thread: a second only adds contention (power iterations run many times
+    slower) beside the threads the service starts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

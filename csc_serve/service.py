@@ -1,0 +1,242 @@
+"""The BentoML service: encode, decode, reconstruct and denoise images over HTTP.
+
+``bentoml serve`` from the repository root (``bentofile.yaml``) serves the bundled model on the fastest
+backend here. Another model: ``CSC_MODEL=DIR_OR_TAG bentoml serve`` or ``bentoml serve --arg model=...``
+(a model directory, a bundled name, or a model-store tag from ``csc import``); every other setting is in
+``csc_serve.service_settings``. Files go up as ``multipart/form-data``; figures come back in ``X-CSC-*``
+response headers beside the image or codes. Requests from concurrent clients share batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import bentoml
+from bentoml.validators import ContentType
+from pydantic import Field, WithJsonSchema
+
+from .model_store import store_reference
+from .service_guard import RequestGuard, use_cancelled_timeouts
+from .service_io import RequestError, npy_bytes, png_bytes, read_image
+from .service_metrics import metrics
+from .service_settings import DEFAULT_MODEL, ServeSettings
+from .sparse_codes import read_codes, to_sparse
+
+ARGUMENTS = vars(bentoml.use_arguments())  # bentoml serve --arg name=value
+INLINE_BYTES = 1 << 17  # files and arrays up to this size are decoded and encoded on the event loop
+FILE_FIELDS = {"/encode": ("image",), "/decode": ("codes",), "/reconstruct": ("image",), "/denoise": ("image",)}
+
+IMAGE_FIELD = Field(description="The image: a PNG, JPEG, BMP, TIFF, WebP, GIF or PPM file, or a .npy float array "
+                    "(C, H, W) with values in [0, 1] (noisy images may leave that range). Upload it as a file "
+                    "part; a URL is never fetched.", examples=["noisy.png"])
+SCALE_FIELD = Field(1.0, ge=0, allow_inf_nan=False, examples=[1.0, 3.0],
+                    description="Multiplies every stage's sparsity threshold (1.0: as trained; larger: sparser "
+                    "codes, more noise removed). At most max_lmbda_scale (100 by default).")
+IMAGE_OUTPUT = Field("png", examples=["png", "npy"],
+                     description="'png': an 8-bit PNG (clipped to [0, 1]); 'npy': the float32 (C, H, W) array, "
+                     "neither clipped nor rounded.")
+METADATA_EXAMPLE = {
+    "ready": True, "error": None,
+    "model": {"reference": "csc-ctrl-rgb", "kind": "bundled", "tag": None, "weights_sha256": "e5d06928...",
+              "config": {"in_channels": 3, "stages": ["..."]}, "total_stride": 1, "code_channels": 75,
+              "tile_margin": 32},
+    "backend": {"backend": "onnxruntime", "device": "cpu", "precision": "float32", "threads": 2},
+    "artifacts": {"directory": "~/.cache/csc-serve/e5d06928632a2a14-0c5a1f3e", "onnx": {"encode": "2ef39b56..."}},
+    "versions": {"csc-serve": "0.1.0", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "bentoml": "1.4.39"},
+    "settings": {"model": "csc-ctrl-rgb", "backend": "auto", "max_batch_size": 32, "token": None},
+    "process": {"pid": 4242, "rss_bytes": 480000000},
+}
+Metadata = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "example": METADATA_EXAMPLE})]
+BinaryFile = Annotated[Path, ContentType("application/octet-stream")]
+PngOrNpy = Annotated[Path, ContentType("image/png")]
+
+
+def _settings_from_env() -> ServeSettings:
+    return ServeSettings.from_env(ARGUMENTS)
+
+
+# One worker process holds the model; the backend spreads each batch over the cores. No access log by default:
+# formatting a line per request costs a tenth of the event loop's time on small images (turn it on with
+# api_server.logging.access.enabled in a BENTOML_CONFIG file); /metrics counts the requests.
+@bentoml.service(name="csc", workers=1, traffic={"timeout": 300}, logging={"access": {"enabled": False}})
+class CSCService:
+    """Convolutional sparse coding (CSC-CTRL) autoencoder: sparse codes, reconstructions, robust denoising."""
+
+    # A model-store model is referenced here so that 'bentoml build' packs it; bundled models ship in the code.
+    model_ref = store_reference(ARGUMENTS.get("model") or os.environ.get("CSC_MODEL") or DEFAULT_MODEL)
+
+    def __init__(self, settings: ServeSettings | None = None) -> None:
+        from .service_engine import Engine
+
+        self.settings = settings or _settings_from_env()
+        self.engine = Engine(self.settings).start(background=True)
+
+    def __is_ready__(self) -> bool:
+        return self.engine.ready
+
+    def __is_alive__(self) -> bool:
+        return self.engine.error is None
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.engine.close()
+
+    # ----------------------------------------------------------------------------- endpoints
+    @bentoml.api
+    async def encode(
+        self,
+        image: Path = IMAGE_FIELD,
+        lmbda_scale: float = SCALE_FIELD,
+        output: Literal["sparse", "npy"] = Field("sparse", examples=["sparse", "npy"], description="'sparse': "
+                                                 "the .npz sparse format (shape, indices, values; see below); "
+                                                 "'npy': the dense float32 (K, h, w) codes."),
+        value_dtype: Literal["float32", "float16"] = Field("float32", examples=["float32", "float16"],
+                                                           description="dtype of 'values' in the sparse format."),
+        stage_sparsity: bool = Field(True, examples=[True, False], description="Measure every stage's "
+                                     "sparsity (the stages before the last run once more, in PyTorch); false: "
+                                     "the last stage's only."),
+    ) -> BinaryFile:
+        """Last-stage sparse codes of an image.
+
+        The body is an .npz archive readable with numpy.load(..., allow_pickle=False): shape int64 (K, h, w),
+        indices int32 (flat C-order positions of the non-zero codes, increasing), values float32 (or float16),
+        image_size int64 (H, W), sparsity float64 per stage, lmbda_scale. Dense codes:
+        codes = np.zeros(prod(shape)); codes[indices] = values; codes = codes.reshape(shape).
+        With output=npy the body is the dense (K, h, w) float32 .npy instead.
+        Headers: X-CSC-Sparsity (fraction of zero codes per stage, comma-separated, first to last),
+        X-CSC-Code-Shape (K,h,w), X-CSC-Image-Size (H,W), X-CSC-Lmbda-Scale.
+        """
+        return await self._answer(self._encode(image, lmbda_scale, output, value_dtype, stage_sparsity))
+
+    @bentoml.api
+    async def decode(
+        self,
+        codes: Path = Field(description="Codes as returned by /encode: the sparse .npz, or a dense .npy float "
+                            "array (K, h, w).", examples=["codes.npz"]),
+        height: int | None = Field(None, ge=1, examples=[481], description="Crop the image to this height "
+                                   "(default: the image_size stored with sparse codes, else h * stride)."),
+        width: int | None = Field(None, ge=1, examples=[321], description="Crop the image to this width."),
+        output: Literal["png", "npy"] = IMAGE_OUTPUT,
+    ) -> PngOrNpy:
+        """The image synthesised from last-stage codes. Header: X-CSC-Image-Size (H,W)."""
+        return await self._answer(self._decode(codes, height, width, output))
+
+    @bentoml.api
+    async def reconstruct(
+        self,
+        image: Path = IMAGE_FIELD,
+        lmbda_scale: float = SCALE_FIELD,
+        output: Literal["png", "npy"] = IMAGE_OUTPUT,
+    ) -> PngOrNpy:
+        """decode(encode(image)): the model's reconstruction.
+
+        Headers: X-CSC-PSNR (dB, against the input), X-CSC-Sparsity (fraction of zero last-stage codes),
+        X-CSC-Lmbda-Scale.
+        """
+        return await self._answer(self._reconstruct(image, lmbda_scale, output))
+
+    @bentoml.api
+    async def denoise(
+        self,
+        image: Path = IMAGE_FIELD,
+        sigma: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, examples=[25.0],
+                                    description="Std of the Gaussian noise on the 0..255 scale; its calibrated "
+                                    "lmbda_scale is used. Leave it and lmbda_scale out to have it estimated."),
+        lmbda_scale: float | None = Field(None, ge=0, allow_inf_nan=False, examples=[3.0],
+                                          description="Denoise at this threshold scale instead of a sigma."),
+        output: Literal["png", "npy"] = IMAGE_OUTPUT,
+    ) -> PngOrNpy:
+        """Robust denoising: reconstruction at the threshold scale that removes noise of level sigma.
+
+        Headers: X-CSC-Sigma (the level used, when one was given or estimated), X-CSC-Sigma-Source
+        (given | estimated | none), X-CSC-Lmbda-Scale.
+        """
+        return await self._answer(self._denoise(image, sigma, lmbda_scale, output))
+
+    @bentoml.api
+    async def metadata(self) -> Metadata:
+        """The served model (config, weights sha256), backend, artifact hashes, library versions, serving
+        limits, readiness and this worker's memory."""
+        from .service_metadata import describe
+
+        return await asyncio.to_thread(describe, self.engine)
+
+    # ----------------------------------------------------------------------------- the work
+    async def _answer(self, work) -> Any:
+        """Run a request's coroutine; its ``RequestError`` becomes a JSON answer with a one-line ``error``."""
+        from starlette.responses import JSONResponse, Response
+
+        try:
+            body, media_type, filename, headers = await work
+        except RequestError as err:
+            metrics().rejected.labels(status=str(err.status)).inc()
+            return JSONResponse({"error": str(err)}, status_code=err.status)
+        headers["Content-Disposition"] = f'inline; filename="{filename}"'
+        return Response(body, media_type=media_type, headers=headers)
+
+    async def _read_image(self, path: Path):
+        config, cap = self.engine.config, self.settings.max_pixels
+        return await _off_loop(path.stat().st_size,
+                               lambda: read_image(path.read_bytes(), config.in_channels, cap, config.value_range))
+
+    async def _encode(self, image: Path, lmbda_scale: float, output: str, value_dtype: str, stage_sparsity: bool):
+        result = await self.engine.encode(await self._read_image(image), lmbda_scale, stage_sparsity)
+        headers = {"X-CSC-Sparsity": ",".join(f"{v:.6f}" for v in result.sparsity),
+                   "X-CSC-Code-Shape": ",".join(map(str, result.codes.shape)),
+                   "X-CSC-Image-Size": ",".join(map(str, result.image_size)),
+                   "X-CSC-Lmbda-Scale": _number(result.lmbda_scale)}
+        if output == "npy":
+            body, name = await _off_loop(result.codes.nbytes, npy_bytes, result.codes), "codes.npy"
+        else:
+            body, name = await _off_loop(result.codes.nbytes, to_sparse, result.codes, result.image_size,
+                                         result.sparsity, result.lmbda_scale, value_dtype), "codes.npz"
+        return body, "application/octet-stream", name, headers
+
+    async def _decode(self, codes: Path, height: int | None, width: int | None, output: str):
+        channels, cap = self.engine.config.code_channels, self.settings.max_code_values
+        array, size = await _off_loop(codes.stat().st_size, lambda: read_codes(codes.read_bytes(), channels, cap))
+        if size is None:  # a dense array carries no image size: the whole stride grid
+            size = (array.shape[1] * self.engine.stride, array.shape[2] * self.engine.stride)
+        size = (height or size[0], width or size[1])
+        image = await self.engine.decode(array, size)
+        return await self._image_body(image, output, "decoded", {"X-CSC-Image-Size": f"{size[0]},{size[1]}"})
+
+    async def _reconstruct(self, image: Path, lmbda_scale: float, output: str):
+        result = await self.engine.reconstruct(await self._read_image(image), lmbda_scale)
+        headers = {"X-CSC-PSNR": f"{result.psnr:.4f}", "X-CSC-Sparsity": f"{result.sparsity:.6f}",
+                   "X-CSC-Lmbda-Scale": _number(result.lmbda_scale)}
+        return await self._image_body(result.image, output, "reconstruction", headers)
+
+    async def _denoise(self, image: Path, sigma: float | None, lmbda_scale: float | None, output: str):
+        result = await self.engine.denoise(await self._read_image(image), sigma, lmbda_scale)
+        headers = {"X-CSC-Sigma-Source": result.sigma_source or "none",
+                   "X-CSC-Lmbda-Scale": _number(result.lmbda_scale)}
+        if result.sigma is not None:
+            headers["X-CSC-Sigma"] = _number(result.sigma)
+        return await self._image_body(result.image, output, "denoised", headers)
+
+    async def _image_body(self, image, output: str, stem: str, headers: dict[str, str]):
+        if output == "npy":
+            body = await _off_loop(image.nbytes, npy_bytes, image)
+            return body, "application/octet-stream", f"{stem}.npy", headers
+        body = await _off_loop(image.nbytes, png_bytes, image, self.engine.config.value_range)
+        return body, "image/png", f"{stem}.png", headers
+
+
+async def _off_loop(size: int, work, *args):
+    """Decode or encode ``size`` bytes: small ones on the event loop (a thread hop would cost more than the
+    work), large ones in a worker thread so the loop keeps serving meanwhile."""
+    if size <= INLINE_BYTES:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
+
+
+def _number(value: float) -> str:
+    return format(float(value), ".9g")  # float32 round-trips
+
+
+CSCService.add_asgi_middleware(RequestGuard, settings=_settings_from_env, file_fields=FILE_FIELDS)
+use_cancelled_timeouts()

@@ -1,0 +1,100 @@
+"""Serving settings: one frozen dataclass, built from the service constructor, ``--arg`` or ``CSC_*`` env vars.
+
+Every field has an environment variable (``CSC_`` + the field name in capitals, ``CSC_MODEL``,
+``CSC_MAX_BATCH_SIZE``, ...) and a ``bentoml serve --arg name=value`` spelling; ``--arg`` wins over the
+environment, and the defaults serve the bundled model on the fastest backend here. The bearer token is
+read from ``CSC_SERVE_TOKEN`` only, so it never shows up in a process list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MODEL = "csc-ctrl-rgb"
+TOKEN_ENV = "CSC_SERVE_TOKEN"
+PROTECTED_FIELDS = ("token",)  # never printed, never taken from --arg
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the service runs. Limits refuse a request with a 4xx before any work is done."""
+
+    model: str = DEFAULT_MODEL  # bundled model name, model directory, or BentoML model-store tag
+    backend: str = "auto"  # a name of csc_serve.backends.BACKEND_NAMES
+    artifacts: str | None = None  # a 'csc export' directory (default: beside a store model, else the cache)
+    max_batch_size: int = 32  # images (or tiles) per backend call
+    max_batch_pixels: int = 1 << 20  # pixels per backend call: bounds the code maps held at once
+    batch_wait_ms: float = 5.0  # how long a lone request waits for others to share its batch
+    max_queue: int = 1024  # requests waiting for the model beyond this are refused (503)
+    max_body_bytes: int = 64 << 20  # request bodies beyond this are refused (413)
+    max_pixels: int = 1 << 22  # images beyond this many pixels are refused (413)
+    max_code_values: int = 1 << 26  # code arrays (K * h * w) beyond this are refused (413)
+    tile_size: int = 512  # images beyond tile_size^2 pixels are processed in tiles of this size
+    max_lmbda_scale: float = 100.0
+    token: str | None = None  # bearer token required on every POST when set
+
+    def __post_init__(self) -> None:
+        from .backends import BACKEND_NAMES
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model must be a bundled model name, a model directory or a model-store tag")
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
+        for name in ("max_batch_size", "max_batch_pixels", "max_queue", "max_body_bytes", "max_pixels",
+                     "max_code_values", "tile_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise ValueError(f"batch_wait_ms must be between 0 and 10000, got {self.batch_wait_ms}")
+        if not 0 < self.max_lmbda_scale < float("inf"):
+            raise ValueError(f"max_lmbda_scale must be a positive number, got {self.max_lmbda_scale}")
+        if self.token is not None and len(self.token) < 8:
+            raise ValueError(f"{TOKEN_ENV} must be at least 8 characters")
+
+    @classmethod
+    def from_env(cls, arguments: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                 **overrides: Any) -> ServeSettings:
+        """Settings from ``CSC_*`` variables, then ``arguments`` (``--arg``), then keyword ``overrides``."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in fields:
+            if name in PROTECTED_FIELDS:
+                continue
+            text = env.get(f"CSC_{name.upper()}")
+            if text is not None and text != "":
+                values[name] = _parse(name, text, fields[name].default, f"CSC_{name.upper()}")
+        for name, value in (arguments or {}).items():
+            if name not in fields or name in PROTECTED_FIELDS:
+                known = ", ".join(n for n in fields if n not in PROTECTED_FIELDS)
+                raise ValueError(f"unknown serving argument {name!r}; known: {known}")
+            values[name] = _parse(name, str(value), fields[name].default, f"--arg {name}")
+        token = env.get(TOKEN_ENV)
+        if token:
+            values["token"] = token
+        values.update(overrides)
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """The settings without secrets (for /metadata and logs)."""
+        out = dataclasses.asdict(self)
+        out["token"] = "set" if self.token else None
+        return out
+
+
+def _parse(name: str, text: str, default: Any, where: str) -> Any:
+    text = text.strip()
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ValueError(f"{where} must be {kind}, got {text!r}") from None
+    return text
