@@ -136,7 +136,9 @@ def test_csc_bench_http_reports_throughput_latency_errors_memory_and_the_raw_rat
     report = json.loads(out.read_text())
     assert report["errors"] == 0 and report["requests"] > 0 and report["throughput_rps"] > 0
     assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
-    assert report["raw_backend"]["backend"] == "onnxruntime-cpu" and report["raw_backend"]["images_per_s"] > 0
+    raw = report["raw_backend"]
+    assert raw["backend"] == "onnxruntime-cpu" and len(raw["images_per_s_runs"]) == 2  # before and after the load
+    assert raw["images_per_s"] == pytest.approx(sum(raw["images_per_s_runs"]) / 2) and raw["images_per_s"] > 0
     assert report["ratio_to_raw"] == pytest.approx(report["throughput_rps"] / report["raw_backend"]["images_per_s"])
     assert report["memory"]["samples"] >= 2 and report["memory"]["rss_bytes_end"] > 0
     assert report["config"]["size"] == 32 and report["config"]["endpoint"] == "denoise"
