@@ -5,7 +5,8 @@ items stack into one backend call with one ``lmbda_scale`` per item. Operations:
 
 - ``encode``: last-stage codes per item.
 - ``reconstruct``: ``decode(encode(x))`` per item, with the zero count of its codes inside the item's
-  ``core`` (the shift-averaged graph for shift-averaging models, plus an encode for the codes).
+  ``core``, counted between the two (the shift-averaged graph for shift-averaging models, plus an encode
+  for the codes).
 - ``denoise``: the fused reconstruct graph (no codes leave it).
 - ``stages``: zero counts of every stage but the last, from the PyTorch model, whose encoder returns every
   stage (the exported graphs end at the last stage).
@@ -45,12 +46,16 @@ def run_batch(model, backend, key: tuple, items: list[Work]) -> list:
     if op != "reconstruct":
         raise ValueError(f"unknown operation {op!r}")
     stride = model.config.total_stride
-    codes = backend.encode(batch, scales)  # for shift averaging: the codes of the unshifted image
     if model.config.shift_average and stride > 1:
+        codes = backend.encode(batch, scales)  # the codes of the unshifted image
         out = backend.reconstruct(batch, scales)
-    else:
-        out = backend.decode(codes, output_size=batch.shape[-2:])
-    return [(out[i], zero_count(codes[i], item.core, stride)) for i, item in enumerate(items)]
+        return [(out[i], zero_count(codes[i], item.core, stride)) for i, item in enumerate(items)]
+
+    def count(first: int, codes: np.ndarray) -> list[tuple[int, int]]:
+        return [zero_count(c, items[first + j].core, stride) for j, c in enumerate(codes)]
+
+    out, counts = backend.reconstruct_inspecting(batch, scales, count)
+    return list(zip(out, (c for run in counts for c in run)))
 
 
 def _earlier_stage_zeros(model, batch: np.ndarray, scales: np.ndarray, items: list[Work]) -> list:

@@ -204,3 +204,24 @@ def test_optional_runtimes_are_imported_lazily():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+def test_reconstruct_inspecting_shows_every_image_codes_once_then_decodes_them(backends, name):
+    backend = backends[name]
+    gen = np.random.default_rng(1)
+    images, scale = gen.random((5, 3, 19, 22), dtype=np.float32), np.array([0.5, 1, 2, 3, 1], np.float32)
+    codes = backend.encode(images, scale)
+    seen = []
+
+    def inspect(first, chunk):
+        seen.append(first)
+        np.testing.assert_allclose(chunk, codes[first : first + len(chunk)], atol=TOL, rtol=0)
+        return [(first + j, int(np.count_nonzero(c))) for j, c in enumerate(chunk)]
+
+    out, counts = backend.reconstruct_inspecting(images, scale, inspect)
+    np.testing.assert_allclose(out, backend.decode(codes, output_size=(19, 22)), atol=TOL, rtol=0)
+    assert out.shape == images.shape
+    assert [c for run in counts for c in run] == [(i, int(np.count_nonzero(c))) for i, c in enumerate(codes)]
+    if name == "onnxruntime" and backend.workers > 1:
+        assert sorted(seen) == list(range(5))  # one image at a time, spread over the worker sessions

@@ -110,5 +110,21 @@ class Backend:
         out = self._run("reconstruct", {"images": self._pad(images), "lmbda_scale": scale})
         return np.ascontiguousarray(out[..., :h, :w])
 
+    def reconstruct_inspecting(self, images: np.ndarray, lmbda_scale=None, inspect=None) -> tuple[np.ndarray, list]:
+        """``decode(encode(images))`` with a look at the codes on the way: ``inspect(first, codes)`` is called on
+        the codes of images ``first, first + 1, ...`` (all of them, or a run of them) before they are decoded.
+        Returns the images at the input size and the ``inspect`` results in image order. Unlike ``reconstruct``
+        it never shift-averages."""
+        images = self._images(images)
+        h, w = images.shape[-2:]
+        scale = self._scale(lmbda_scale, images.shape[0])
+        out, seen = self._encode_decode({"images": self._pad(images), "lmbda_scale": scale}, inspect)
+        return np.ascontiguousarray(out[..., :h, :w]), seen
+
+    def _encode_decode(self, inputs: dict[str, np.ndarray], inspect) -> tuple[np.ndarray, list]:
+        codes = self._run("encode", inputs)
+        seen = [inspect(0, codes)] if inspect is not None else []
+        return self._run("decode", {"codes": codes}), seen
+
     def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError

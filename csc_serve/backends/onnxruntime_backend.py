@@ -173,16 +173,38 @@ class OnnxRuntimeBackend(Backend):
         batch = next(iter(inputs.values())).shape[0]
         if self._pool is None or batch < 2:
             return self.sessions[graph].run(None, inputs)[0]
+        sessions = self.worker_sessions[graph]
+        return np.concatenate(self._spread(inputs, lambda worker, first, chunk: sessions[worker].run(None, chunk)[0]))
+
+    def _encode_decode(self, inputs: dict[str, np.ndarray], inspect) -> tuple[np.ndarray, list]:
+        """Each chunk is encoded, inspected and decoded by one worker in turn: its codes never wait for the
+        rest of the batch, and are freed by the thread that made them."""
+        batch = inputs["images"].shape[0]
+        if self._pool is None or batch < 2:
+            return super()._encode_decode(inputs, inspect)
+        encoders, decoders = self.worker_sessions["encode"], self.worker_sessions["decode"]
+
+        def chain(worker: int, first: int, chunk: dict) -> tuple[np.ndarray, object]:
+            codes = encoders[worker].run(None, chunk)[0]
+            seen = inspect(first, codes) if inspect is not None else None
+            return decoders[worker].run(None, {"codes": codes})[0], seen
+
+        done = self._spread(inputs, chain)
+        return np.concatenate([out for out, _ in done]), [seen for _, seen in done if seen is not None]
+
+    def _spread(self, inputs: dict[str, np.ndarray], work) -> list:
+        """``work(worker, first, chunk)`` on every chunk of the batch, by the worker sessions; results in order."""
+        batch = next(iter(inputs.values())).shape[0]
         count = max(self.workers, -(-batch // CHUNK))
         bounds = np.linspace(0, batch, count + 1).round().astype(int)
+        starts = bounds[:-1].tolist()
         chunks = [{k: v[a:b] for k, v in inputs.items()} for a, b in zip(bounds[:-1], bounds[1:])]
-        sessions = self.worker_sessions[graph]
         taken = itertools.count()  # next() on it is atomic: each chunk goes to exactly one worker
-        results: list[np.ndarray | None] = [None] * len(chunks)
+        results: list = [None] * len(chunks)
 
-        def work(worker: int) -> None:
+        def run(worker: int) -> None:
             while (index := next(taken)) < len(chunks):
-                results[index] = sessions[worker].run(None, chunks[index])[0]
+                results[index] = work(worker, starts[index], chunks[index])
 
-        list(self._pool.map(work, range(self.workers)))
-        return np.concatenate(results)
+        list(self._pool.map(run, range(self.workers)))
+        return results
