@@ -44,7 +44,7 @@ def cache_dir(sha256: str, config) -> Path:
 
 def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=None, fp16: bool = False) -> Path:
     """A directory holding the model's ONNX graphs: ``artifacts`` as given, or the cache (exported if needed)."""
-    from export.manifest import ArtifactError, read_manifest
+    from export.manifest import ArtifactError, config_sha256, read_manifest
 
     if artifacts is not None:
         return Path(artifacts)
@@ -54,8 +54,6 @@ def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=No
     except ArtifactError:
         manifest = None
     from export.onnx_export import GRAPH_REVISION
-
-    from export.manifest import config_sha256
 
     current = manifest is not None and manifest.get("onnx", {}).get("graph_revision") == GRAPH_REVISION
     same_model = current and manifest["model"]["weights_sha256"] == sha256
