@@ -1,8 +1,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU machines: the CPU build of torch 2.13.0 and onnxruntime. GPU machines: make EXTRAS=gpu,train,dev,serve
-EXTRAS ?= cpu,train,dev,serve
+# CPU machines: the CPU build of torch 2.13.0 and onnxruntime. GPU machines: make EXTRAS=gpu,train,dev,serve,ray
+EXTRAS ?= cpu,train,dev,serve,ray
 PORT ?= 3000
 
 .PHONY: test install serve clean

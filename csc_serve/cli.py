@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from . import __version__
 from .cli_bench import add_bench
 from .cli_export import add_export
+from .cli_extract import add_extract
 from .cli_import import add_import
 from .cli_train import add_eval, add_train
 
@@ -49,7 +50,7 @@ def _positive_int(text: str) -> int:
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_train, add_eval, add_export, add_bench, add_import, _add_viz
+    add_train, add_eval, add_export, add_bench, add_extract, add_import, _add_viz
 )
 
 

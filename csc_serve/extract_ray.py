@@ -1,0 +1,84 @@
+"""The Ray Data engine of ``csc extract``: the same shards as the local engine, encoded by a pool of actors.
+
+Each row of the dataset is one shard (its index and its images); ``map_batches`` hands one shard at a time
+to a ``ShardEncoder`` actor, which holds a backend for its whole life, decodes the shard's images with a few
+threads, encodes them exactly as the local engine does (``csc_serve.extract.encode_shard``) and writes the
+shard atomically into the output directory. The driver only plans, counts and writes the manifest. So
+the output is identical to a local run's, and ``--resume`` works across engines.
+
+On a cluster every node must see the input images and the output directory at the same paths (a shared
+filesystem: NFS, Lustre, a FUSE-mounted bucket); connect with ``ray_address="auto"`` from a cluster node,
+or ``ray://head:10001``. Ray is an optional extra (``pip install 'csc-serve[ray]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+class ShardEncoder:
+    """A Ray Data actor: decodes, encodes and writes whole shards; returns one summary row per shard."""
+
+    def __init__(self, model: str, stage: int | None, backend: str, lmbda_scale: float, batch_size: int,
+                 pooled: bool, out: str, decode_threads: int = 2):
+        from .extract import StageEncoder
+
+        self.encoder = StageEncoder(model, stage, backend, lmbda_scale)
+        self.batch_size, self.pooled, self.out = batch_size, pooled, Path(out)
+        self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="csc-decode")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .extract import decode_image, encode_shard
+        from .extract_shards import write_shard
+
+        config = self.encoder.config
+        indices, rows, errors = [], [], []
+        for index, relatives, paths in zip(batch["index"], batch["relative"], batch["path"]):
+            relatives, paths = [str(r) for r in relatives], [str(p) for p in paths]
+            images = self.pool.map(decode_image, paths, [config.in_channels] * len(paths),
+                                   [config.value_range] * len(paths))
+            shard_rows, shard_errors = encode_shard(self.encoder, list(zip(relatives, images)), self.batch_size,
+                                                    self.pooled)
+            write_shard(self.out, int(index), shard_rows, shard_errors, self.pooled)
+            indices.append(int(index))
+            rows.append(len(shard_rows))
+            errors.append(len(shard_errors))
+        return {"index": np.array(indices), "rows": np.array(rows), "errors": np.array(errors)}
+
+
+def run_ray(cfg, shards: list, todo: list[int], bar) -> None:
+    """Encode the shards ``todo`` on Ray Data; ``bar`` counts images as their shards are written."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        from .backends import BackendUnavailable
+
+        raise BackendUnavailable("the ray engine needs Ray Data: pip install 'csc-serve[ray]'") from None
+    if not todo:
+        return
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, log_to_driver=False, include_dashboard=False)
+    items = [
+        {"index": i, "relative": [rel for rel, _ in shards[i]], "path": [str(Path(p).resolve()) for _, p in shards[i]]}
+        for i in todo
+    ]
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    summaries = dataset.map_batches(
+        ShardEncoder,
+        fn_constructor_kwargs=dict(
+            model=str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model,
+            stage=cfg.stage, backend=cfg.backend, lmbda_scale=cfg.lmbda_scale, batch_size=cfg.batch_size,
+            pooled=cfg.pooled, out=str(Path(cfg.out).resolve()),
+        ),
+        batch_size=1,  # one shard per call: a shard is the unit that is written, and redone, whole
+        concurrency=min(cfg.ray_actors, len(items)),
+        num_cpus=1,
+    )
+    for summary in summaries.iter_rows():
+        bar.update(int(summary["rows"]) + int(summary["errors"]))

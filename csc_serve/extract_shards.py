@@ -1,0 +1,219 @@
+"""The on-disk format of ``csc extract``: Parquet shards, ``manifest.json`` and ``errors.jsonl``.
+
+An output directory holds::
+
+    manifest.json          what was extracted and how (below); written atomically at the start and the end
+    part-00000.parquet     one shard per ``shard_size`` images of the sorted input list, written atomically
+    part-00001.parquet     ...
+    errors.jsonl           one {"path": ..., "reason": ...} line per image that could not be read
+
+Columns of a shard (one row per image)::
+
+    path     string              the image's path relative to the input, POSIX separators
+    height   int32, width int32  the image's size in pixels
+    shape    list<int32> (3)     (K, h, w) of the code maps of the extracted stage
+    indices  list<int32>         flat C-order positions of the non-zero codes in (K, h, w), increasing
+    values   list<float32>       the non-zero codes, in the same order
+    pooled   list<float32> (K)   mean of |codes| over the h*w positions of each atom (when pooling is on)
+
+Why Parquet: columnar, compressed, readable from pyarrow, pandas, polars, DuckDB and Spark alike, and the
+format Ray Data reads and writes natively. The reasons images could not be read travel inside their shard
+(file metadata key ``csc_errors``), so a shard and its errors appear together or not at all.
+
+Resuming: shard ``i`` always holds images ``i*shard_size .. (i+1)*shard_size - 1`` of the sorted input
+list, batched the same way inside, so a shard that exists is finished and a redone shard is bit-identical.
+A run killed while writing leaves only a hidden temporary file, which ``remove_partial_files`` deletes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.serialization import atomic_write
+
+FORMAT = "csc-features"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ERRORS_NAME = "errors.jsonl"
+ERRORS_KEY = b"csc_errors"
+POOLING = "mean_abs"  # pooled[k] = mean over positions of |codes[k]|
+
+
+class FeatureFormatError(ValueError):
+    """An output directory that is not (or no longer) a readable ``csc extract`` result."""
+
+
+@dataclass(frozen=True)
+class Features:
+    """One image's sparse codes: ``dense()`` gives the ``(K, h, w)`` float32 maps."""
+
+    height: int
+    width: int
+    shape: tuple[int, int, int]
+    indices: np.ndarray  # int32 (N,)
+    values: np.ndarray  # float32 (N,)
+    pooled: np.ndarray | None  # float32 (K,)
+
+    def dense(self) -> np.ndarray:
+        codes = np.zeros(int(np.prod(self.shape)), np.float32)
+        codes[self.indices] = self.values
+        return codes.reshape(self.shape)
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def inputs_sha256(relative_paths: list[str]) -> str:
+    """A hash of the sorted input list: a resumed run must see the same images."""
+    return hashlib.sha256("\n".join(relative_paths).encode()).hexdigest()
+
+
+def sparse_row(path: str, size: tuple[int, int], codes: np.ndarray, pooled: bool) -> dict[str, Any]:
+    """One shard row from ``(K, h, w)`` codes."""
+    flat = codes.reshape(-1)
+    if flat.size >= 2**31:
+        raise ValueError(f"{path}: {flat.size} codes exceed the int32 indices of the feature format")
+    indices = np.flatnonzero(flat).astype(np.int32)
+    row = {
+        "path": path,
+        "height": int(size[0]),
+        "width": int(size[1]),
+        "shape": [int(n) for n in codes.shape],
+        "indices": indices,
+        "values": flat[indices].astype(np.float32),
+    }
+    if pooled:
+        row["pooled"] = np.abs(codes).reshape(codes.shape[0], -1).mean(axis=1, dtype=np.float64).astype(np.float32)
+    return row
+
+
+def _schema(pooled: bool):
+    import pyarrow as pa
+
+    fields = [
+        ("path", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("shape", pa.list_(pa.int32(), 3)),
+        ("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32())),
+    ]
+    if pooled:
+        fields.append(("pooled", pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+def write_shard(out: Path, index: int, rows: list[dict], errors: list[dict], pooled: bool) -> Path:
+    """Write shard ``index`` atomically (temporary file, fsync, rename); rows in input order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _schema(pooled)
+    columns = {name: [row[name] for row in rows] for name in schema.names}
+    table = pa.table(columns, schema=schema)
+    table = table.replace_schema_metadata({ERRORS_KEY: json.dumps(errors).encode()})
+    path = out / shard_name(index)
+    # Sorted positions delta-encode to a few bits each; dictionaries only cost time on these columns.
+    encodings = {"indices": "DELTA_BINARY_PACKED", "values": "BYTE_STREAM_SPLIT"}
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", use_dictionary=False,
+                                                  column_encoding=encodings))
+    return path
+
+
+def finished_shards(out: Path) -> set[int]:
+    """Indices of the shards already written in ``out``."""
+    done = set()
+    for path in out.glob("part-*.parquet"):
+        stem = path.name[len("part-") : -len(".parquet")]
+        if stem.isdigit():
+            done.add(int(stem))
+    return done
+
+
+def remove_partial_files(out: Path) -> list[Path]:
+    """Delete the temporary files a killed run left behind (never a finished shard)."""
+    removed = []
+    for path in out.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def shard_summary(path: Path) -> dict:
+    """``{"file", "rows", "errors"}`` of a finished shard, read from its footer only."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path)
+    errors = json.loads((meta.metadata or {}).get(ERRORS_KEY, b"[]"))
+    return {"file": path.name, "rows": meta.num_rows, "errors": errors}
+
+
+def read_manifest(out: Path) -> dict:
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        raise FeatureFormatError(f"{path}: missing (not a 'csc extract' output directory)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FeatureFormatError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise FeatureFormatError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FeatureFormatError(f"{path}: format_version {manifest.get('format_version')!r} is not supported")
+    return manifest
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write(Path(out) / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def finish(out: Path, manifest: dict, num_shards: int) -> dict:
+    """Gather every shard's counts and errors into ``errors.jsonl`` and the final manifest."""
+    shards = [shard_summary(out / shard_name(i)) for i in range(num_shards)]
+    errors = [error for shard in shards for error in shard["errors"]]
+    lines = "".join(json.dumps(error) + "\n" for error in errors)
+    atomic_write(out / ERRORS_NAME, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+    manifest = {
+        **manifest,
+        "complete": True,
+        "counts": {
+            "images": manifest["counts"]["images"],
+            "encoded": sum(shard["rows"] for shard in shards),
+            "errors": len(errors),
+            "shards": num_shards,
+        },
+        "shards": [{"file": shard["file"], "rows": shard["rows"], "errors": len(shard["errors"])} for shard in shards],
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def load_features(out: str | Path) -> dict[str, Features]:
+    """Every image's features in a finished output directory, keyed by its path relative to the input."""
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    manifest = read_manifest(out)
+    if not manifest.get("complete"):
+        raise FeatureFormatError(f"{out}: the extraction is not finished (re-run it with --resume)")
+    features: dict[str, Features] = {}
+    for shard in manifest["shards"]:
+        table = pq.read_table(out / shard["file"])
+        columns = table.to_pydict()
+        has_pooled = "pooled" in columns
+        for i, path in enumerate(columns["path"]):
+            if path in features:
+                raise FeatureFormatError(f"{out}: {path} appears in more than one shard")
+            features[path] = Features(
+                height=columns["height"][i],
+                width=columns["width"][i],
+                shape=tuple(columns["shape"][i]),
+                indices=np.asarray(columns["indices"][i], np.int32),
+                values=np.asarray(columns["values"][i], np.float32),
+                pooled=np.asarray(columns["pooled"][i], np.float32) if has_pooled else None,
+            )
+    return features
