@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from models.serialization import atomic_write
+from models.serialization import atomic_write, read_json_document
 
 FORMAT = "csc-features"
 FORMAT_VERSION = 1
@@ -152,18 +152,8 @@ def shard_summary(path: Path) -> dict:
 
 
 def read_manifest(out: Path) -> dict:
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
-        raise FeatureFormatError(f"{path}: missing (not a 'csc extract' output directory)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FeatureFormatError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise FeatureFormatError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise FeatureFormatError(f"{path}: format_version {manifest.get('format_version')!r} is not supported")
-    return manifest
+    return read_json_document(Path(out) / MANIFEST_NAME, FORMAT, FORMAT_VERSION, FeatureFormatError, "manifest",
+                              "not a 'csc extract' output directory")
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

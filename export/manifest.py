@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from models.serialization import atomic_write, sha256_file
+from models.serialization import atomic_write, read_json_document, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "csc-ctrl-artifacts"
@@ -68,16 +68,8 @@ def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Pa
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """Parse ``manifest.json``; ``ArtifactError`` if it is missing or not a manifest of this format."""
     path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing (export the model with 'csc export MODEL --out {directory}')")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r} is not supported")
+    manifest = read_json_document(path, FORMAT, FORMAT_VERSION, ArtifactError, "manifest",
+                                  f"export the model with 'csc export MODEL --out {directory}'")
     if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("weights_sha256"), str):
         raise ArtifactError(f"{path}: no model.weights_sha256")
     return manifest

@@ -115,22 +115,29 @@ def save_pretrained(model: CSCAutoencoder, directory: str | os.PathLike) -> str:
     return digest
 
 
-def read_config(directory: str | os.PathLike) -> tuple[CSCConfig, dict[str, Any]]:
-    """Parse and validate ``config.json``; returns the architecture and the whole document."""
-    path = Path(directory) / CONFIG_NAME
+def read_json_document(path: Path, fmt: str, version: int, error: type[Exception], kind: str,
+                       missing: str) -> dict[str, Any]:
+    """A JSON object whose ``format`` is ``fmt`` and ``format_version`` is ``version``; ``error`` (one line
+    naming the file) if it is missing (``missing`` says what was expected), unreadable or of another format."""
     if not path.is_file():
-        raise ModelLoadError(f"{path}: missing (a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise error(f"{path}: missing ({missing})")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelLoadError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise ModelLoadError(f"{path}: not a {FORMAT} model config (no \"format\": \"{FORMAT}\")")
-    if document.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{path}: format_version {document.get('format_version')!r} is not supported "
-            f"(this version reads {FORMAT_VERSION})"
-        )
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(document, dict) or document.get("format") != fmt:
+        raise error(f"{path}: not a {fmt} {kind} (no \"format\": \"{fmt}\")")
+    if document.get("format_version") != version:
+        raise error(f"{path}: format_version {document.get('format_version')!r} is not supported "
+                    f"(this version reads {version})")
+    return document
+
+
+def read_config(directory: str | os.PathLike) -> tuple[CSCConfig, dict[str, Any]]:
+    """Parse and validate ``config.json``; returns the architecture and the whole document."""
+    path = Path(directory) / CONFIG_NAME
+    document = read_json_document(path, FORMAT, FORMAT_VERSION, ModelLoadError, "model config",
+                                  f"a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     digest = document.get("weights_sha256")
     if not isinstance(digest, str) or len(digest) != 64:
         raise ModelLoadError(f"{path}: weights_sha256 is missing or malformed")
