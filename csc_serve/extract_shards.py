@@ -80,17 +80,20 @@ def sparse_row(path: str, size: tuple[int, int], codes: np.ndarray, pooled: bool
     flat = codes.reshape(-1)
     if flat.size >= 2**31:
         raise ValueError(f"{path}: {flat.size} codes exceed the int32 indices of the feature format")
-    indices = np.flatnonzero(flat).astype(np.int32)
+    indices = np.flatnonzero(flat != 0)  # numpy's nonzero is several times faster on a boolean mask
+    values = flat[indices].astype(np.float32)
     row = {
         "path": path,
         "height": int(size[0]),
         "width": int(size[1]),
         "shape": [int(n) for n in codes.shape],
-        "indices": indices,
-        "values": flat[indices].astype(np.float32),
+        "indices": indices.astype(np.int32),
+        "values": values,
     }
-    if pooled:
-        row["pooled"] = np.abs(codes).reshape(codes.shape[0], -1).mean(axis=1, dtype=np.float64).astype(np.float32)
+    if pooled:  # from the non-zero codes alone: a pass over the sparse values, not over every code
+        positions = flat.size // codes.shape[0]
+        sums = np.bincount(indices // positions, weights=np.abs(values), minlength=codes.shape[0])  # float64
+        row["pooled"] = (sums / positions).astype(np.float32)
     return row
 
 
