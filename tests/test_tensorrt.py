@@ -13,22 +13,21 @@ from types import SimpleNamespace
 from unittest.mock import MagicMock
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-onnx = pytest.importorskip("onnx")
-
-from csc_serve.backends.base import BackendUnavailable  # noqa: E402
-from csc_serve.backends.tensorrt_backend import TensorRTBackend, check_in_profile, verify_plans  # noqa: E402
-from export.manifest import ArtifactError, read_manifest, write_manifest  # noqa: E402
-from export.tensorrt import (  # noqa: E402
+from csc_serve.backends.base import BackendUnavailable
+from csc_serve.backends.tensorrt_backend import TensorRTBackend, check_in_profile, verify_plans
+from export.manifest import ArtifactError, read_manifest, write_manifest
+from export.tensorrt import (
     INSTALL_HINT, Profile, TensorRTBuildError, TensorRTMismatch, add_tensorrt_arguments, build_from_args,
     build_plans, check_tensorrt_args, input_shapes, parse_profile,
 )
-from export.trt_ops import check_tensorrt_compatible, unsupported_ops  # noqa: E402
-from models import CSCAutoencoder, CSCConfig, StageConfig  # noqa: E402
-from models.serialization import sha256_file, weights_sha256  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from export.trt_ops import check_tensorrt_compatible, unsupported_ops
+from models import CSCAutoencoder, CSCConfig, StageConfig
+from models.serialization import sha256_file, weights_sha256
+from tests.conftest import tiny_config
 
 HAVE_GPU = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs TensorRT and a CUDA GPU")
