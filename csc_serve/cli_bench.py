@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .extract_bench import add_extract_arguments
 from .http_bench import add_http_arguments
 
 
@@ -26,6 +27,10 @@ def _bench(args: argparse.Namespace) -> None:
         from .http_bench import run_from_args
 
         return run_from_args(args)
+    if args.extract is not None:  # csc extract end to end, not the backends alone
+        from .extract_bench import run_from_args as run_extract_bench
+
+        return run_extract_bench(args)
     from .bench import CALLS, BenchConfig, format_table, run_bench, write_report
 
     unknown = sorted(set(args.calls) - set(CALLS))
@@ -80,4 +85,5 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
                    help="also time encode at the largest batch and smallest size one optimization at a time")
     p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
     add_http_arguments(p)
+    add_extract_arguments(p)
     p.set_defaults(run=_bench)

@@ -16,7 +16,8 @@ INPUT is a folder (searched recursively), a glob in quotes ('photos/**/*.jpg'), 
 image path per line. Paths in the output are relative to INPUT. Read the result in Python with
 csc_serve.extract.load_features(OUT), or with any Parquet reader.
 
-Images are decoded by a thread pool ahead of the encoder and batched by size on the fastest backend here.
+Images are decoded by a thread pool ahead of the encoder and batched by size on the fastest backend here;
+each batch is written as it is done, so memory follows the batch, not the shard.
 Each shard is written atomically: a run that is killed can be continued with --resume, which skips the
 finished shards and produces exactly what an uninterrupted run would. --engine ray runs the shards on Ray
 Data actors (a local instance, or the cluster given by --ray-address; install the 'ray' extra)."""
@@ -27,7 +28,8 @@ def _extract(args: argparse.Namespace) -> None:
 
     cfg = ExtractConfig(
         model=args.model, input=args.input, out=args.out, stage=args.stage, lmbda_scale=args.lmbda_scale,
-        pooled=args.pooled, backend=args.backend, batch_size=args.batch_size, shard_size=args.shard_size,
+        pooled=args.pooled, backend=args.backend, batch_size=args.batch_size,
+        batch_pixels=args.batch_pixels, shard_size=args.shard_size,
         workers=args.workers, resume=args.resume, engine=args.engine, ray_address=args.ray_address,
         ray_actors=args.ray_actors, progress=not args.quiet,
     )
@@ -67,6 +69,9 @@ def add_extract(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pooled", dest="pooled", action="store_false", help="do not write the pooled vector")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="runtime (default: auto, the fastest)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per encode call (default: 32)")
+    p.add_argument("--batch-pixels", type=_positive_int, default=2**20,
+                   help="a batch also ends at this many pixels, so large images come fewer at a time "
+                   "(default: 1048576, 1024x1024)")
     p.add_argument("--shard-size", type=_positive_int, default=256, help="images per shard (default: 256)")
     p.add_argument("--workers", type=_positive_int, default=4, help="image decoding threads (default: 4)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -5,9 +5,11 @@ glob such as ``photos/**/*.jpg``, or a text file listing one path per line) and 
 encoder stage (default the last), plus a pooled dense vector per image, as shards in ``out`` (format in
 ``csc_serve.extract_shards``). ``load_features(out)`` returns ``{relative path: Features}``.
 
-How it is fast: images are decoded by a thread pool up to ``prefetch`` shards ahead of the encoder, a
-shard's images are grouped by size into batches (so nothing is padded), and the backend is the fastest
-that works here (``load_backend(model, "auto")``). How it survives being killed: the sorted input list is
+How it is fast: images are decoded by a thread pool a few batches ahead of the encoder, across shard ends;
+a shard's images are grouped by size into batches (so nothing is padded), each encoded as soon as it is full
+on the fastest backend that works here (``load_backend(model, "auto")``), whose worker threads also turn
+the codes into rows; a writer thread appends each batch's rows to its shard while the next batches are
+encoded, so memory follows the batch, not the shard. How it survives being killed: the sorted input list is
 cut into fixed shards, each written atomically; ``resume=True`` skips the shards already on disk and redoes
 the others exactly as an uninterrupted run would. Unreadable images are listed in ``errors.jsonl`` with the
 reason and the run goes on. ``engine="ray"`` runs the same shards on Ray Data (``csc_serve.extract_ray``).
@@ -16,25 +18,29 @@ reason and the run goes on. ``engine="ray"`` runs the same shards on Ray Data (`
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
 from .extract_shards import (
-    FORMAT, FORMAT_VERSION, MANIFEST_NAME, POOLING, Features, finish, finished_shards, inputs_sha256,
-    load_features, read_manifest, remove_partial_files, sparse_row, write_manifest, write_shard,
+    FORMAT, FORMAT_VERSION, MANIFEST_NAME, POOLING, Features, ShardWriter, finish, finished_shards, inputs_sha256,
+    load_features, read_manifest, remove_partial_files, sparse_row, write_manifest,
 )
 
 __all__ = ["ENGINES", "ExtractConfig", "Features", "StageEncoder", "list_inputs", "load_features", "run_extract"]
 
 ENGINES = ("local", "ray")
+WRITES_AHEAD = 2  # batches of rows waiting for the writer thread, at most
 # Settings that fix which images land in which shard and batch: a resumed run must keep them.
-PLAN_KEYS = ("weights_sha256", "stage", "lmbda_scale", "pooled", "shard_size", "batch_size", "inputs_sha256")
+PLAN_KEYS = ("weights_sha256", "stage", "lmbda_scale", "pooled", "shard_size", "batch_size", "batch_pixels",
+             "inputs_sha256")
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,10 @@ class ExtractConfig:
     pooled: bool = True
     backend: str = "auto"
     batch_size: int = 32
+    batch_pixels: int = 2**20  # a batch also ends at this many pixels: large images come fewer at a time
     shard_size: int = 256
     workers: int = 4  # decoding threads (local engine)
-    prefetch: int = 2  # shards decoded ahead of the encoder
+    prefetch: int = 4  # batches decoded ahead of the encoder (local engine; by pixels, see _decoded)
     resume: bool = False
     engine: str = "local"
     ray_address: str | None = None  # None: a running cluster if there is one, else a local instance
@@ -57,7 +64,7 @@ class ExtractConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "shard_size", "workers", "prefetch", "ray_actors"):
+        for name in ("batch_size", "batch_pixels", "shard_size", "workers", "prefetch", "ray_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.stage is not None and self.stage < 1:
@@ -147,16 +154,22 @@ class StageEncoder:
             self.backend, self.backend_name = None, "torch"
             self.module.ensure_step_sizes()
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """``(B, C, H, W)`` float32 -> ``(B, K, h, w)`` float32 codes of the chosen stage."""
+    def encode_each(self, images: np.ndarray, consume) -> list:
+        """``consume(first, codes)`` on the ``(n, K, h, w)`` float32 codes of the chosen stage of images
+        ``first, ..., first + n - 1`` of the ``(B, C, H, W)`` batch (by the backend's worker threads where it
+        splits batches); the results in image order."""
         if self.backend is not None:
-            return self.backend.encode(images, self.lmbda_scale)
+            return self.backend.encode_each(images, self.lmbda_scale, consume)
         import torch
 
         scale = torch.full((images.shape[0],), self.lmbda_scale)
         with torch.inference_mode():
             codes = self.module.encode(torch.from_numpy(images), scale, all_stages=True)
-        return codes[self.stage - 1].float().numpy()
+        return [consume(0, codes[self.stage - 1].float().numpy())]
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """``(B, C, H, W)`` float32 -> ``(B, K, h, w)`` float32 codes of the chosen stage."""
+        return np.concatenate(self.encode_each(images, lambda first, codes: codes))
 
 
 def decode_image(path: str, channels: int, value_range: tuple[float, float]) -> np.ndarray | str:
@@ -171,25 +184,63 @@ def decode_image(path: str, channels: int, value_range: tuple[float, float]) -> 
     return image if (low, high) == (0.0, 1.0) else (low + (high - low) * image).astype(np.float32)
 
 
-def encode_shard(encoder: StageEncoder, items: list[tuple[str, np.ndarray | str]], batch_size: int,
-                 pooled: bool) -> tuple[list[dict], list[dict]]:
-    """Rows (in input order) and errors of one shard's decoded images. Batches hold images of one size,
-    formed in input order, so the same shard is always batched the same way."""
-    groups: dict[tuple[int, int], list[int]] = {}
+def batch_full(count: int, size: tuple[int, int], batch_size: int, batch_pixels: int) -> bool:
+    """Whether ``count`` images of ``size`` make a batch: ``batch_size`` of them, or ``batch_pixels`` pixels."""
+    return count >= batch_size or count * size[0] * size[1] >= batch_pixels
+
+
+def encode_shard(encoder: StageEncoder, items: Iterable[tuple[str, np.ndarray | str]], batch: tuple[int, int],
+                 pooled: bool, sink: Callable[[list[dict]], None], runner: ThreadPoolExecutor | None = None,
+                 in_flight: int = 1) -> list[dict]:
+    """Encode one shard's decoded images, taken from ``items`` as they come: ``sink(rows)`` gets each batch's
+    rows, batch after batch in a fixed order; returns the shard's errors (unreadable images, in input order).
+
+    Batches hold images of one size in input order: a batch is encoded as soon as it is full (``batch`` is
+    ``(batch_size, batch_pixels)``, see ``batch_full``), the partial ones when the shard ends. So a shard is
+    always batched, and its rows ordered, the same way however its decoding is timed, and encoding starts
+    long before the last image is decoded. The rows are made from the codes by the backend's worker threads
+    (``StageEncoder.encode_each``). With a ``runner``, batches run on its threads, up to ``in_flight`` at
+    once, so the backend's workers need not wait for the next batch to be gathered; their rows still reach
+    ``sink`` in order."""
+    waiting: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
     errors = []
-    for i, (relative, image) in enumerate(items):
+    running: deque = deque()  # (future, rows) in the order the batches were formed
+
+    def run(size: tuple[int, int]) -> None:
+        members = waiting.pop(size)
+        rows: list[dict] = [{}] * len(members)
+
+        def to_rows(first: int, codes: np.ndarray) -> None:
+            for j, ((relative, _), code) in enumerate(zip(members[first:], codes), first):
+                rows[j] = sparse_row(relative, size, code, pooled)
+
+        images = np.stack([image for _, image in members])
+        if runner is None:
+            encoder.encode_each(images, to_rows)
+            sink(rows)
+            return
+        while len(running) >= in_flight:
+            finish_oldest()
+        running.append((runner.submit(encoder.encode_each, images, to_rows), rows))
+
+    def finish_oldest() -> None:
+        future, rows = running.popleft()
+        future.result()
+        sink(rows)
+
+    for relative, image in items:
         if isinstance(image, str):
             errors.append({"path": relative, "reason": image})
-        else:
-            groups.setdefault(image.shape[-2:], []).append(i)
-    rows: dict[int, dict] = {}
-    for size, members in groups.items():
-        for start in range(0, len(members), batch_size):
-            batch = members[start : start + batch_size]
-            codes = encoder.encode(np.stack([items[i][1] for i in batch]))  # (B, K, h, w)
-            for i, code in zip(batch, codes):
-                rows[i] = sparse_row(items[i][0], size, code, pooled)
-    return [rows[i] for i in sorted(rows)], errors
+            continue
+        size = image.shape[-2:]
+        waiting.setdefault(size, []).append((relative, image))
+        if batch_full(len(waiting[size]), size, *batch):
+            run(size)
+    for size in list(waiting):
+        run(size)
+    while running:
+        finish_oldest()
+    return errors
 
 
 def shards_of(pairs: list, shard_size: int) -> list[list]:
@@ -212,6 +263,7 @@ def _start(cfg: ExtractConfig, encoder: StageEncoder, pairs: list[tuple[str, str
         "pooling": POOLING if cfg.pooled else None,
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
+        "batch_pixels": cfg.batch_pixels,
         "input": os.fspath(cfg.input),
         "inputs_sha256": inputs_sha256([relative for relative, _ in pairs]),
         "counts": {"images": len(pairs)},
@@ -236,6 +288,10 @@ def _start(cfg: ExtractConfig, encoder: StageEncoder, pairs: list[tuple[str, str
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract features as ``cfg`` says; returns the final manifest plus timing (``images_per_second``
     counts the images encoded in this run over the time spent decoding, encoding and writing them)."""
+    if cfg.engine == "ray":  # before anything is written
+        from .extract_ray import require_ray
+
+        require_ray()
     pairs = list_inputs(cfg.input)
     encoder = StageEncoder(cfg.model, cfg.stage, cfg.backend, cfg.lmbda_scale)
     manifest = _start(cfg, encoder, pairs)
@@ -262,31 +318,65 @@ def run_extract(cfg: ExtractConfig) -> dict:
             "config": asdict(cfg)}
 
 
+def _decoded(listed: Iterable[tuple[str, str]], pool: ThreadPoolExecutor, channels: int,
+             value_range: tuple[float, float], cfg: ExtractConfig):
+    """``(relative path, image or reason)`` in input order, decoded by ``pool`` ahead of the consumer: about
+    ``prefetch`` batches' worth of pixels (judged from the sizes seen so far), at most ``prefetch *
+    batch_size`` images, so large images are not decoded hundreds at a time."""
+    window: deque = deque()  # (relative path, future), oldest first
+    listed = iter(listed)
+    mean_pixels = None  # a running estimate of the pixels per image
+
+    def room() -> int:
+        if mean_pixels is None:
+            return cfg.workers
+        return max(1, min(cfg.prefetch * cfg.batch_size, int(cfg.prefetch * cfg.batch_pixels / mean_pixels)))
+
+    while True:
+        while len(window) < room():
+            item = next(listed, None)
+            if item is None:
+                break
+            window.append((item[0], pool.submit(decode_image, item[1], channels, value_range)))
+        if not window:
+            return
+        relative, future = window.popleft()
+        image = future.result()
+        if not isinstance(image, str):
+            pixels = image.shape[-2] * image.shape[-1]
+            # up at once for a larger image, down slowly: a run of small images after a large one is no promise
+            mean_pixels = pixels if mean_pixels is None else max(pixels, 0.9 * mean_pixels + 0.1 * pixels)
+        yield relative, image
+
+
 def _run_local(cfg: ExtractConfig, encoder: StageEncoder, shards: list, todo: list[int], bar) -> None:
     out = Path(cfg.out)
     channels, value_range = encoder.config.in_channels, encoder.config.value_range
-    with ThreadPoolExecutor(cfg.workers, thread_name_prefix="csc-decode") as pool, \
+    in_flight = encoder.backend.batches_in_flight if encoder.backend is not None else 1
+    runner = ThreadPoolExecutor(in_flight, thread_name_prefix="csc-batch")
+    with ThreadPoolExecutor(cfg.workers, thread_name_prefix="csc-decode") as pool, runner, \
             ThreadPoolExecutor(1, thread_name_prefix="csc-write") as writer:
-        pending: deque = deque()  # (shard index, futures): at most `prefetch` shards decoding ahead
-        queue = iter(todo)
-        written = None  # the shard being written while the next one is encoded
+        listed = ((rel, path) for index in todo for rel, path in shards[index])
+        stream = _decoded(listed, pool, channels, value_range, cfg)
+        writes: deque = deque()  # the writer thread's queue, oldest first: at most WRITES_AHEAD batches
 
-        def submit() -> None:
-            index = next(queue, None)
-            if index is not None:
-                futures = [(rel, pool.submit(decode_image, path, channels, value_range)) for rel, path in shards[index]]
-                pending.append((index, futures))
+        def write(call, *args, images: int) -> None:
+            while len(writes) >= WRITES_AHEAD:
+                writes.popleft().result()
+            future = writer.submit(call, *args)
+            future.add_done_callback(lambda done: bar.update(images) if done.exception() is None else None)
+            writes.append(future)
 
-        for _ in range(cfg.prefetch + 1):
-            submit()
-        while pending:
-            index, futures = pending.popleft()
-            items = [(rel, future.result()) for rel, future in futures]
-            submit()
-            rows, errors = encode_shard(encoder, items, cfg.batch_size, cfg.pooled)
-            if written is not None:
-                written.result()
-            written = writer.submit(write_shard, out, index, rows, errors, cfg.pooled)
-            written.add_done_callback(lambda _, n=len(items): bar.update(n))
-        if written is not None:
-            written.result()
+        for index in todo:
+            shard = ShardWriter(out, index, cfg.pooled)
+            try:
+                errors = encode_shard(encoder, itertools.islice(stream, len(shards[index])),
+                                      (cfg.batch_size, cfg.batch_pixels), cfg.pooled,
+                                      lambda rows: write(shard.write, rows, images=len(rows)), runner, in_flight)
+                write(shard.close, errors, images=len(errors))
+            except BaseException:
+                wait(writes)  # earlier shards still close; this one is dropped
+                shard.abort()
+                raise
+        while writes:
+            writes.popleft().result()

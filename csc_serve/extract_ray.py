@@ -3,8 +3,8 @@
 Each row of the dataset is one shard (its index and its images); ``map_batches`` hands one shard at a time
 to a ``ShardEncoder`` actor, which holds a backend for its whole life, decodes the shard's images with a few
 threads, encodes them exactly as the local engine does (``csc_serve.extract.encode_shard``) and writes the
-shard atomically into the output directory. The driver only plans, counts and writes the manifest. So
-the output is identical to a local run's, and ``--resume`` works across engines.
+shard atomically into the output directory, batch by batch. The driver only plans, counts and writes the
+manifest. So the output is identical to a local run's, and ``--resume`` works across engines.
 
 On a cluster every node must see the input images and the output directory at the same paths (a shared
 filesystem: NFS, Lustre, a FUSE-mounted bucket); connect with ``ray_address="auto"`` from a cluster node,
@@ -22,17 +22,17 @@ import numpy as np
 class ShardEncoder:
     """A Ray Data actor: decodes, encodes and writes whole shards; returns one summary row per shard."""
 
-    def __init__(self, model: str, stage: int | None, backend: str, lmbda_scale: float, batch_size: int,
+    def __init__(self, model: str, stage: int | None, backend: str, lmbda_scale: float, batch: tuple[int, int],
                  pooled: bool, out: str, decode_threads: int = 2):
         from .extract import StageEncoder
 
         self.encoder = StageEncoder(model, stage, backend, lmbda_scale)
-        self.batch_size, self.pooled, self.out = batch_size, pooled, Path(out)
+        self.batch, self.pooled, self.out = tuple(batch), pooled, Path(out)
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="csc-decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .extract import decode_image, encode_shard
-        from .extract_shards import write_shard
+        from .extract_shards import ShardWriter
 
         config = self.encoder.config
         indices, rows, errors = [], [], []
@@ -40,24 +40,35 @@ class ShardEncoder:
             relatives, paths = [str(r) for r in relatives], [str(p) for p in paths]
             images = self.pool.map(decode_image, paths, [config.in_channels] * len(paths),
                                    [config.value_range] * len(paths))
-            shard_rows, shard_errors = encode_shard(self.encoder, list(zip(relatives, images)), self.batch_size,
-                                                    self.pooled)
-            write_shard(self.out, int(index), shard_rows, shard_errors, self.pooled)
+            shard = ShardWriter(self.out, int(index), self.pooled)
+            try:
+                shard_errors = encode_shard(self.encoder, zip(relatives, images), self.batch, self.pooled,
+                                            shard.write)
+                shard.close(shard_errors)
+            except BaseException:
+                shard.abort()
+                raise
             indices.append(int(index))
-            rows.append(len(shard_rows))
+            rows.append(shard.rows)
             errors.append(len(shard_errors))
         return {"index": np.array(indices), "rows": np.array(rows), "errors": np.array(errors)}
 
 
-def run_ray(cfg, shards: list, todo: list[int], bar) -> None:
-    """Encode the shards ``todo`` on Ray Data; ``bar`` counts images as their shards are written."""
+def require_ray():
+    """The ``ray`` module with Ray Data, or a one-line error saying how to install it."""
     try:
         import ray
-        import ray.data
+        import ray.data  # noqa: F401
     except ImportError:
         from .backends import BackendUnavailable
 
         raise BackendUnavailable("the ray engine needs Ray Data: pip install 'csc-serve[ray]'") from None
+    return ray
+
+
+def run_ray(cfg, shards: list, todo: list[int], bar) -> None:
+    """Encode the shards ``todo`` on Ray Data; ``bar`` counts images as their shards are written."""
+    ray = require_ray()
     if not todo:
         return
     if not ray.is_initialized():
@@ -73,7 +84,8 @@ def run_ray(cfg, shards: list, todo: list[int], bar) -> None:
         ShardEncoder,
         fn_constructor_kwargs=dict(
             model=str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model,
-            stage=cfg.stage, backend=cfg.backend, lmbda_scale=cfg.lmbda_scale, batch_size=cfg.batch_size,
+            stage=cfg.stage, backend=cfg.backend, lmbda_scale=cfg.lmbda_scale,
+            batch=(cfg.batch_size, cfg.batch_pixels),
             pooled=cfg.pooled, out=str(Path(cfg.out).resolve()),
         ),
         batch_size=1,  # one shard per call: a shard is the unit that is written, and redone, whole

@@ -7,7 +7,8 @@ An output directory holds::
     part-00001.parquet     ...
     errors.jsonl           one {"path": ..., "reason": ...} line per image that could not be read
 
-Columns of a shard (one row per image)::
+Columns of a shard (one row per image; one row group per encoded batch, so rows follow the batches: images
+of one size in input order)::
 
     path     string              the image's path relative to the input, POSIX separators
     height   int32, width int32  the image's size in pixels
@@ -29,13 +30,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models.serialization import atomic_write, read_json_document
+from models.serialization import atomic_write, commit_file, read_json_document
 
 FORMAT = "csc-features"
 FORMAT_VERSION = 1
@@ -81,20 +84,24 @@ def sparse_row(path: str, size: tuple[int, int], codes: np.ndarray, pooled: bool
     if flat.size >= 2**31:
         raise ValueError(f"{path}: {flat.size} codes exceed the int32 indices of the feature format")
     indices = np.flatnonzero(flat != 0)  # numpy's nonzero is several times faster on a boolean mask
-    values = flat[indices].astype(np.float32)
     row = {
         "path": path,
         "height": int(size[0]),
         "width": int(size[1]),
         "shape": [int(n) for n in codes.shape],
         "indices": indices.astype(np.int32),
-        "values": values,
+        "values": flat[indices].astype(np.float32, copy=False),
     }
-    if pooled:  # from the non-zero codes alone: a pass over the sparse values, not over every code
-        positions = flat.size // codes.shape[0]
-        sums = np.bincount(indices // positions, weights=np.abs(values), minlength=codes.shape[0])  # float64
-        row["pooled"] = (sums / positions).astype(np.float32)
+    if pooled:  # one pass over the maps (pairwise float32 sums) beats a scatter of the non-zero values
+        row["pooled"] = np.abs(codes).reshape(codes.shape[0], -1).mean(axis=1, dtype=np.float32)
     return row
+
+
+LIST_COLUMNS = {"indices": np.int32, "values": np.float32, "pooled": np.float32}
+# Sorted positions delta-encode to a few bits each; byte-stream split lets zstd find the floats' common
+# exponent bytes; dictionaries only cost time on these columns. (Keys are leaf paths: list columns end in
+# ".list.element".)
+ENCODINGS = {"indices.list.element": "DELTA_BINARY_PACKED", "values.list.element": "BYTE_STREAM_SPLIT"}
 
 
 def _schema(pooled: bool):
@@ -109,21 +116,77 @@ def _schema(pooled: bool):
     return pa.schema(fields)
 
 
-def write_shard(out: Path, index: int, rows: list[dict], errors: list[dict], pooled: bool) -> Path:
-    """Write shard ``index`` atomically (temporary file, fsync, rename); rows in input order."""
+def _table(rows: list[dict], schema):
+    """Rows as a table whose list columns have one chunk per row, each a zero-copy view of that row's array:
+    nothing is concatenated, and the Parquet writer takes chunked columns as they are."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schema = _schema(pooled)
-    columns = {name: [row[name] for row in rows] for name in schema.names}
-    table = pa.table(columns, schema=schema)
-    table = table.replace_schema_metadata({ERRORS_KEY: json.dumps(errors).encode()})
-    path = out / shard_name(index)
-    # Sorted positions delta-encode to a few bits each; dictionaries only cost time on these columns.
-    encodings = {"indices": "DELTA_BINARY_PACKED", "values": "BYTE_STREAM_SPLIT"}
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", use_dictionary=False,
-                                                  column_encoding=encodings))
-    return path
+    columns = []
+    for name in schema.names:
+        if name in LIST_COLUMNS:
+            dtype = LIST_COLUMNS[name]
+            chunks = [pa.ListArray.from_arrays(np.array([0, row[name].size], np.int32),
+                                               row[name].astype(dtype, copy=False)) for row in rows]
+            columns.append(pa.chunked_array(chunks, schema.field(name).type))
+        else:
+            columns.append(pa.chunked_array([pa.array([row[name] for row in rows], schema.field(name).type)]))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class ShardWriter:
+    """Shard ``index`` written as its batches come, each a row group, into a hidden temporary file beside it;
+    ``close`` stores the shard's errors in the footer, fsyncs and renames the file to the shard's name. Until
+    then the shard does not exist: a run killed before leaves only the temporary file, which
+    ``remove_partial_files`` deletes. Memory stays at one batch's rows, whatever the shard size."""
+
+    def __init__(self, out: Path, index: int, pooled: bool):
+        import pyarrow.parquet as pq
+
+        self.path = Path(out) / shard_name(index)
+        self.schema = _schema(pooled)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=out)
+        os.close(fd)
+        try:
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd", use_dictionary=False,
+                                           column_encoding=ENCODINGS)
+        except BaseException:
+            Path(self.tmp).unlink(missing_ok=True)
+            raise
+        self.rows = 0
+
+    def write(self, rows: list[dict]) -> None:
+        if rows:
+            self.writer.write_table(_table(rows, self.schema))
+            self.rows += len(rows)
+
+    def close(self, errors: list[dict]) -> Path:
+        try:
+            self.writer.add_key_value_metadata({ERRORS_KEY.decode(): json.dumps(errors)})
+            self.writer.close()
+            commit_file(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (its temporary file)."""
+        try:
+            self.writer.close()
+        except Exception:  # already closed, or the disk is what failed: the file goes either way
+            pass
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+def write_shard(out: Path, index: int, rows: list[dict], errors: list[dict], pooled: bool) -> Path:
+    """Shard ``index`` from all its rows at once (atomically, as ``ShardWriter``)."""
+    shard = ShardWriter(out, index, pooled)
+    try:
+        shard.write(rows)
+    except BaseException:
+        shard.abort()
+        raise
+    return shard.close(errors)
 
 
 def finished_shards(out: Path) -> set[int]:
@@ -196,17 +259,22 @@ def load_features(out: str | Path) -> dict[str, Features]:
     features: dict[str, Features] = {}
     for shard in manifest["shards"]:
         table = pq.read_table(out / shard["file"])
-        columns = table.to_pydict()
-        has_pooled = "pooled" in columns
-        for i, path in enumerate(columns["path"]):
+        paths = table.column("path").to_pylist()
+        heights, widths = (table.column(name).to_numpy().tolist() for name in ("height", "width"))
+        shapes = np.asarray(table.column("shape").combine_chunks().flatten(), np.int64).reshape(-1, 3)
+        indices, values = _rows_of(table, "indices", np.int32), _rows_of(table, "values", np.float32)
+        pooled = _rows_of(table, "pooled", np.float32) if "pooled" in table.column_names else [None] * len(paths)
+        for i, path in enumerate(paths):
             if path in features:
                 raise FeatureFormatError(f"{out}: {path} appears in more than one shard")
-            features[path] = Features(
-                height=columns["height"][i],
-                width=columns["width"][i],
-                shape=tuple(columns["shape"][i]),
-                indices=np.asarray(columns["indices"][i], np.int32),
-                values=np.asarray(columns["values"][i], np.float32),
-                pooled=np.asarray(columns["pooled"][i], np.float32) if has_pooled else None,
-            )
+            features[path] = Features(height=heights[i], width=widths[i], shape=tuple(shapes[i].tolist()),
+                                      indices=indices[i], values=values[i], pooled=pooled[i])
     return features
+
+
+def _rows_of(table, name: str, dtype) -> list[np.ndarray]:
+    """The per-row arrays of a variable-length list column, as views of one flat numpy buffer."""
+    column = table.column(name).combine_chunks()
+    offsets = column.offsets.to_numpy()
+    flat = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype)  # writable, owned by numpy
+    return [flat[a - offsets[0] : b - offsets[0]] for a, b in zip(offsets[:-1], offsets[1:])]

@@ -91,7 +91,7 @@ class Engine:
                 torch.set_num_threads(1)
             s = self.settings
             self.batcher = Batcher(self._run_batch, s.max_batch_size, s.max_batch_pixels, s.batch_wait_ms / 1000,
-                                   s.max_queue, observe=observe_batch, workers=batch_workers(self.backend))
+                                   s.max_queue, observe=observe_batch, workers=self.backend.batches_in_flight)
             self._warm_up()
         except Exception as err:  # reported by /readyz, /livez and every request
             self.error = f"{type(err).__name__}: {' '.join(str(err).split())}"
@@ -275,13 +275,6 @@ class Engine:
             return asyncio.wrap_future(self.batcher.submit(key, work, pixels))
         except QueueFull as err:
             raise RequestError(f"the server is busy: {err}; retry later", status=503) from None
-
-
-def batch_workers(backend) -> int:
-    """Two batches in flight on ONNX Runtime's CPU backend, one elsewhere. That backend spreads a batch over
-    single-threaded sessions, one per core, which accept concurrent runs: the next batch starts on a core as
-    soon as the previous batch has no image left for it (measured: a few per cent more images/s at 32 clients)."""
-    return 2 if backend.name == "onnxruntime" and getattr(backend, "workers", 1) > 1 else 1
 
 
 def _count(what: str, amount: int = 1) -> None:

@@ -24,6 +24,8 @@ class Backend:
     """
 
     name = "base"
+    # Batches worth running at once: more than one only where a batch leaves cores idle near its end.
+    batches_in_flight = 1
 
     def __init__(self, config: CSCConfig, weights_sha256: str, device: str = "cpu"):
         self.config = config
@@ -94,6 +96,18 @@ class Backend:
         images = self._images(images)
         scale = self._scale(lmbda_scale, images.shape[0])
         return self._run("encode", {"images": self._pad(images), "lmbda_scale": scale})
+
+    def encode_each(self, images: np.ndarray, lmbda_scale=None, consume=None) -> list:
+        """``encode`` with the codes handed over as they are made: ``consume(first, codes)`` is called on the
+        codes of images ``first, first + 1, ...`` (all of them, or a run of them), by the thread that made them
+        where the backend splits batches, so work on the codes runs beside the encoding of the rest. Returns
+        the ``consume`` results in image order."""
+        images = self._images(images)
+        scale = self._scale(lmbda_scale, images.shape[0])
+        return self._encode_each({"images": self._pad(images), "lmbda_scale": scale}, consume)
+
+    def _encode_each(self, inputs: dict[str, np.ndarray], consume) -> list:
+        return [consume(0, self._run("encode", inputs))]
 
     def decode(self, codes: np.ndarray, output_size: tuple[int, int] | None = None) -> np.ndarray:
         """Images ``(B, C, h*S, w*S)`` from last-stage codes, cropped to ``output_size`` if given."""

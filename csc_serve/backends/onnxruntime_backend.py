@@ -155,6 +155,12 @@ class OnnxRuntimeBackend(Backend):
         key = f"{sha256[:16]}-{provider}-{level}-ort{ort.__version__}-{_cpu_fingerprint()}"
         return directory / f"{path.stem}-{key}.onnx"
 
+    @property
+    def batches_in_flight(self) -> int:
+        """Two on the CPU with worker sessions: they accept concurrent runs, so the next batch starts on a core
+        as soon as the previous one has no image left for it (measured: a few per cent more images/s)."""
+        return 2 if self.workers > 1 else 1
+
     def describe(self) -> dict:
         return {
             **super().describe(),
@@ -175,6 +181,12 @@ class OnnxRuntimeBackend(Backend):
             return self.sessions[graph].run(None, inputs)[0]
         sessions = self.worker_sessions[graph]
         return np.concatenate(self._spread(inputs, lambda worker, first, chunk: sessions[worker].run(None, chunk)[0]))
+
+    def _encode_each(self, inputs: dict[str, np.ndarray], consume) -> list:
+        if self._pool is None or inputs["images"].shape[0] < 2:
+            return super()._encode_each(inputs, consume)
+        encoders = self.worker_sessions["encode"]
+        return self._spread(inputs, lambda worker, first, chunk: consume(first, encoders[worker].run(None, chunk)[0]))
 
     def _encode_decode(self, inputs: dict[str, np.ndarray], inspect) -> tuple[np.ndarray, list]:
         """Each chunk is encoded, inspected and decoded by one worker in turn: its codes never wait for the
