@@ -56,7 +56,7 @@ class ExtractConfig:
     batch_pixels: int = 2**20  # a batch also ends at this many pixels: large images come fewer at a time
     shard_size: int = 256
     workers: int = 4  # decoding threads (local engine)
-    prefetch: int = 4  # batches decoded ahead of the encoder (local engine; by pixels, see _decoded)
+    prefetch: int = 4  # batches decoded ahead of the encoder (by images and by pixels, see decoded)
     resume: bool = False
     engine: str = "local"
     ray_address: str | None = None  # None: a running cluster if there is one, else a local instance
@@ -318,19 +318,19 @@ def run_extract(cfg: ExtractConfig) -> dict:
             "config": asdict(cfg)}
 
 
-def _decoded(listed: Iterable[tuple[str, str]], pool: ThreadPoolExecutor, channels: int,
-             value_range: tuple[float, float], cfg: ExtractConfig):
-    """``(relative path, image or reason)`` in input order, decoded by ``pool`` ahead of the consumer: about
-    ``prefetch`` batches' worth of pixels (judged from the sizes seen so far), at most ``prefetch *
-    batch_size`` images, so large images are not decoded hundreds at a time."""
+def decoded(listed: Iterable[tuple[str, str]], pool: ThreadPoolExecutor, threads: int, channels: int,
+            value_range: tuple[float, float], images_ahead: int, pixels_ahead: int):
+    """``(relative path, image or reason)`` in input order, decoded by ``pool`` (``threads`` threads) ahead of
+    the consumer: about ``pixels_ahead`` pixels (judged from the sizes seen so far), at most ``images_ahead``
+    images, so large images are not decoded hundreds at a time."""
     window: deque = deque()  # (relative path, future), oldest first
     listed = iter(listed)
     mean_pixels = None  # a running estimate of the pixels per image
 
     def room() -> int:
-        if mean_pixels is None:
-            return cfg.workers
-        return max(1, min(cfg.prefetch * cfg.batch_size, int(cfg.prefetch * cfg.batch_pixels / mean_pixels)))
+        if mean_pixels is None:  # nothing seen yet: one image per decoding thread
+            return min(images_ahead, threads)
+        return max(1, min(images_ahead, int(pixels_ahead / mean_pixels)))
 
     while True:
         while len(window) < room():
@@ -357,7 +357,8 @@ def _run_local(cfg: ExtractConfig, encoder: StageEncoder, shards: list, todo: li
     with ThreadPoolExecutor(cfg.workers, thread_name_prefix="csc-decode") as pool, runner, \
             ThreadPoolExecutor(1, thread_name_prefix="csc-write") as writer:
         listed = ((rel, path) for index in todo for rel, path in shards[index])
-        stream = _decoded(listed, pool, channels, value_range, cfg)
+        stream = decoded(listed, pool, cfg.workers, channels, value_range, cfg.prefetch * cfg.batch_size,
+                         cfg.prefetch * cfg.batch_pixels)
         writes: deque = deque()  # the writer thread's queue, oldest first: at most WRITES_AHEAD batches
 
         def write(call, *args, images: int) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+PREFETCH = 4  # batches decoded ahead of the encoder, as the local engine's default
+
 
 class ShardEncoder:
     """A Ray Data actor: decodes, encodes and writes whole shards; returns one summary row per shard."""
@@ -28,22 +30,22 @@ class ShardEncoder:
 
         self.encoder = StageEncoder(model, stage, backend, lmbda_scale)
         self.batch, self.pooled, self.out = tuple(batch), pooled, Path(out)
+        self.decode_threads = decode_threads
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="csc-decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .extract import decode_image, encode_shard
+        from .extract import decoded, encode_shard
         from .extract_shards import ShardWriter
 
         config = self.encoder.config
         indices, rows, errors = [], [], []
         for index, relatives, paths in zip(batch["index"], batch["relative"], batch["path"]):
             relatives, paths = [str(r) for r in relatives], [str(p) for p in paths]
-            images = self.pool.map(decode_image, paths, [config.in_channels] * len(paths),
-                                   [config.value_range] * len(paths))
+            items = decoded(zip(relatives, paths), self.pool, self.decode_threads, config.in_channels,
+                            config.value_range, PREFETCH * self.batch[0], PREFETCH * self.batch[1])
             shard = ShardWriter(self.out, int(index), self.pooled)
             try:
-                shard_errors = encode_shard(self.encoder, zip(relatives, images), self.batch, self.pooled,
-                                            shard.write)
+                shard_errors = encode_shard(self.encoder, items, self.batch, self.pooled, shard.write)
                 shard.close(shard_errors)
             except BaseException:
                 shard.abort()

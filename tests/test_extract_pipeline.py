@@ -117,7 +117,7 @@ def test_a_batch_also_ends_at_the_pixel_budget():
 
 
 def test_decoding_runs_ahead_by_pixels_not_only_by_images(tmp_path):
-    from csc_serve.extract import _decoded
+    from csc_serve.extract import decoded
 
     class CountingPool(ThreadPoolExecutor):
         def __init__(self):
@@ -132,13 +132,12 @@ def test_decoding_runs_ahead_by_pixels_not_only_by_images(tmp_path):
     for i, side in enumerate([8] * 6 + [64] * 6):
         paths.append((f"{i}.png", str(tmp_path / f"{i}.png")))
         Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(paths[-1][1])
-    cfg = ExtractConfig("m", "i", "o", batch_size=4, batch_pixels=2 * 64 * 64, prefetch=1, workers=1)
     with CountingPool() as pool:
         ahead = []
-        for i, (relative, image) in enumerate(_decoded(iter(paths), pool, 3, (0.0, 1.0), cfg)):
+        for i, (relative, image) in enumerate(decoded(iter(paths), pool, 1, 3, (0.0, 1.0), 4, 2 * 64 * 64)):
             assert relative == f"{i}.png" and image.shape[0] == 3
             ahead.append(pool.submitted - (i + 1))
-    assert max(ahead[:5]) == 3  # small images: prefetch * batch_size ahead, less the one in hand
+    assert max(ahead[:5]) == 3  # small images: images_ahead, less the one in hand
     assert max(ahead[9:]) <= 1  # 64x64: the pixel budget (two of them) bounds it
 
 
