@@ -18,19 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-PREFETCH = 4  # batches decoded ahead of the encoder, as the local engine's default
-
 
 class ShardEncoder:
     """A Ray Data actor: decodes, encodes and writes whole shards; returns one summary row per shard."""
 
     def __init__(self, model: str, stage: int | None, backend: str, lmbda_scale: float, batch: tuple[int, int],
-                 pooled: bool, out: str, decode_threads: int = 2):
+                 pooled: bool, out: str, prefetch: int, decode_threads: int = 2):
         from .extract import StageEncoder
 
         self.encoder = StageEncoder(model, stage, backend, lmbda_scale)
         self.batch, self.pooled, self.out = tuple(batch), pooled, Path(out)
-        self.decode_threads = decode_threads
+        self.prefetch, self.decode_threads = prefetch, decode_threads
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="csc-decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -42,7 +40,8 @@ class ShardEncoder:
         for index, relatives, paths in zip(batch["index"], batch["relative"], batch["path"]):
             relatives, paths = [str(r) for r in relatives], [str(p) for p in paths]
             items = decoded(zip(relatives, paths), self.pool, self.decode_threads, config.in_channels,
-                            config.value_range, PREFETCH * self.batch[0], PREFETCH * self.batch[1])
+                            config.value_range, self.prefetch * self.batch[0],
+                            self.prefetch * self.batch[1])
             shard = ShardWriter(self.out, int(index), self.pooled)
             try:
                 shard_errors = encode_shard(self.encoder, items, self.batch, self.pooled, shard.write)
@@ -88,7 +87,7 @@ def run_ray(cfg, shards: list, todo: list[int], bar) -> None:
             model=str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model,
             stage=cfg.stage, backend=cfg.backend, lmbda_scale=cfg.lmbda_scale,
             batch=(cfg.batch_size, cfg.batch_pixels),
-            pooled=cfg.pooled, out=str(Path(cfg.out).resolve()),
+            pooled=cfg.pooled, out=str(Path(cfg.out).resolve()), prefetch=cfg.prefetch,
         ),
         batch_size=1,  # one shard per call: a shard is the unit that is written, and redone, whole
         concurrency=min(cfg.ray_actors, len(items)),

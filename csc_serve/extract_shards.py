@@ -178,17 +178,6 @@ class ShardWriter:
         Path(self.tmp).unlink(missing_ok=True)
 
 
-def write_shard(out: Path, index: int, rows: list[dict], errors: list[dict], pooled: bool) -> Path:
-    """Shard ``index`` from all its rows at once (atomically, as ``ShardWriter``)."""
-    shard = ShardWriter(out, index, pooled)
-    try:
-        shard.write(rows)
-    except BaseException:
-        shard.abort()
-        raise
-    return shard.close(errors)
-
-
 def finished_shards(out: Path) -> set[int]:
     """Indices of the shards already written in ``out``."""
     done = set()
