@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -167,10 +167,6 @@ class StageEncoder:
             codes = self.module.encode(torch.from_numpy(images), scale, all_stages=True)
         return [consume(0, codes[self.stage - 1].float().numpy())]
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """``(B, C, H, W)`` float32 -> ``(B, K, h, w)`` float32 codes of the chosen stage."""
-        return np.concatenate(self.encode_each(images, lambda first, codes: codes))
-
 
 def decode_image(path: str, channels: int, value_range: tuple[float, float]) -> np.ndarray | str:
     """The image as float32 ``(C, H, W)`` in the model's value range, or one line saying why it cannot be."""
@@ -189,6 +185,24 @@ def batch_full(count: int, size: tuple[int, int], batch_size: int, batch_pixels:
     return count >= batch_size or count * size[0] * size[1] >= batch_pixels
 
 
+def form_batches(items: Iterable[tuple[str, np.ndarray | str]], batch: tuple[int, int], errors: list[dict]
+                 ) -> Iterator[tuple[tuple[int, int], list[tuple[str, np.ndarray]]]]:
+    """``(size, [(relative path, image), ...])`` batches of one shard's ``items``, yielded as they fill: images
+    of one size in input order, a batch full per ``batch_full(count, size, *batch)``, the partial ones at the
+    end. Unreadable items (a reason instead of an image) are appended to ``errors``."""
+    waiting: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
+    for relative, image in items:
+        if isinstance(image, str):
+            errors.append({"path": relative, "reason": image})
+            continue
+        size = image.shape[-2:]
+        members = waiting.setdefault(size, [])
+        members.append((relative, image))
+        if batch_full(len(members), size, *batch):
+            yield size, waiting.pop(size)
+    yield from waiting.items()
+
+
 def encode_shard(encoder: StageEncoder, items: Iterable[tuple[str, np.ndarray | str]], batch: tuple[int, int],
                  pooled: bool, sink: Callable[[list[dict]], None], runner: ThreadPoolExecutor | None = None,
                  in_flight: int = 1) -> list[dict]:
@@ -196,18 +210,16 @@ def encode_shard(encoder: StageEncoder, items: Iterable[tuple[str, np.ndarray | 
     rows, batch after batch in a fixed order; returns the shard's errors (unreadable images, in input order).
 
     Batches hold images of one size in input order: a batch is encoded as soon as it is full (``batch`` is
-    ``(batch_size, batch_pixels)``, see ``batch_full``), the partial ones when the shard ends. So a shard is
+    ``(batch_size, batch_pixels)``, see ``form_batches``), the partial ones when the shard ends. So a shard is
     always batched, and its rows ordered, the same way however its decoding is timed, and encoding starts
     long before the last image is decoded. The rows are made from the codes by the backend's worker threads
     (``StageEncoder.encode_each``). With a ``runner``, batches run on its threads, up to ``in_flight`` at
     once, so the backend's workers need not wait for the next batch to be gathered; their rows still reach
     ``sink`` in order."""
-    waiting: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
-    errors = []
+    errors: list[dict] = []
     running: deque = deque()  # (future, rows) in the order the batches were formed
 
-    def run(size: tuple[int, int]) -> None:
-        members = waiting.pop(size)
+    def run(size: tuple[int, int], members: list[tuple[str, np.ndarray]]) -> None:
         rows: list[dict] = [{}] * len(members)
 
         def to_rows(first: int, codes: np.ndarray) -> None:
@@ -228,16 +240,8 @@ def encode_shard(encoder: StageEncoder, items: Iterable[tuple[str, np.ndarray | 
         future.result()
         sink(rows)
 
-    for relative, image in items:
-        if isinstance(image, str):
-            errors.append({"path": relative, "reason": image})
-            continue
-        size = image.shape[-2:]
-        waiting.setdefault(size, []).append((relative, image))
-        if batch_full(len(waiting[size]), size, *batch):
-            run(size)
-    for size in list(waiting):
-        run(size)
+    for size, members in form_batches(items, batch, errors):
+        run(size, members)
     while running:
         finish_oldest()
     return errors

@@ -28,7 +28,8 @@ TARGET = 0.8
 def run_extract_bench(model: str, source: str, backend: str = "auto", batch_size: int = 32, shard_size: int = 256,
                       repeats: int = 3, min_time: float = 1.0, log=print) -> dict[str, Any]:
     from .bench import time_call
-    from .extract import ExtractConfig, StageEncoder, batch_full, decode_image, list_inputs, run_extract, shards_of
+    from .extract import (ExtractConfig, StageEncoder, decode_image, form_batches, list_inputs, run_extract,
+                          shards_of)
 
     if repeats < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError("--repeats, --extract-batch and --extract-shard must be at least 1")
@@ -36,18 +37,11 @@ def run_extract_bench(model: str, source: str, backend: str = "auto", batch_size
     encoder = StageEncoder(model, None, backend)
     config = encoder.config
     log(f"decoding {len(pairs)} images of {source} for the raw runs")
-    batch_pixels = ExtractConfig.batch_pixels
+    limits = (batch_size, ExtractConfig.batch_pixels)
     batches = []
     for shard in shards_of(pairs, shard_size):  # as encode_shard forms them
-        groups: dict[tuple[int, int], list[np.ndarray]] = {}
-        for _, path in shard:
-            image = decode_image(path, config.in_channels, config.value_range)
-            if not isinstance(image, str):
-                group = groups.setdefault(image.shape[-2:], [])
-                group.append(image)
-                if batch_full(len(group), image.shape[-2:], batch_size, batch_pixels):
-                    batches.append(np.stack(groups.pop(image.shape[-2:])))
-        batches += [np.stack(group) for group in groups.values()]
+        decoded = ((relative, decode_image(path, config.in_channels, config.value_range)) for relative, path in shard)
+        batches += [np.stack([image for _, image in members]) for _, members in form_batches(decoded, limits, [])]
     images = sum(len(batch) for batch in batches)
     if not images:
         raise ValueError(f"{source}: no readable image to time")
