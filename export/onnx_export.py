@@ -163,8 +163,10 @@ def _check_scales_differ(model: CSCAutoencoder, cases: list[dict[str, Any]]) -> 
     for case in cases:
         by_size.setdefault(tuple(case["size"]), []).append(case["codes"])
     for size, codes in by_size.items():
-        if torch.equal(codes[0], codes[1]):
-            raise ExportError(f"lmbda_scale {PARITY_SCALES} give identical codes at {size}: cannot verify it")
+        if (codes[0] - codes[1]).abs().max() <= 1e-5 * codes[0].abs().max():
+            raise ExportError(
+                f"lmbda_scale {PARITY_SCALES} give identical codes (to float rounding) at {size}: cannot verify it"
+            )
 
 
 def export_onnx(

@@ -14,6 +14,9 @@ from .fista import _is_exporting
 from .layer import CSCLayer
 from .noise import estimate_noise_sigma
 
+# Pixels of shifted copies encoded at once by an eager shift-averaged reconstruct.
+SHIFT_PASS_PIXELS = 1 << 18
+
 
 class CSCAutoencoder(nn.Module):
     r"""Multi-stage convolutional sparse coding autoencoder (the encoder and decoder of CSC-CTRL).
@@ -124,25 +127,36 @@ class CSCAutoencoder(nn.Module):
 
     def reconstruct(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """``decode(encode(x))`` at the size of ``x``; with ``config.shift_average``, its mean over the
-        ``S^2`` shifts of ``x`` (``S = total_stride``), all run as one batch of ``S^2 B`` images."""
+        ``S^2`` shifts of ``x`` (``S = total_stride``): as one batch of ``S^2 B`` images when traced, a few
+        shifts per batch (``SHIFT_PASS_PIXELS``) in eager mode."""
         size = tuple(x.shape[-2:])
         s = self.config.total_stride
         if not self.config.shift_average or s == 1:
             return self.decode(self.encode(x, lmbda_scale), output_size=size)
         self._check_images(x)
         shifts = [(dy, dx) for dy in range(s) for dx in range(s)]
-        # Shifting by (dy, dx) pads dy rows on top and s - dy below, so every copy has the same size.
-        copies = torch.cat([F.pad(x, (dx, s - dx, dy, s - dy), mode="replicate") for dy, dx in shifts])
         scale = lmbda_scale
-        if isinstance(scale, torch.Tensor) and scale.dim() == 1 and (_is_exporting() or scale.shape[0] > 1):
-            if not _is_exporting() and scale.shape[0] != x.shape[0]:
-                expected, got = (x.shape[0],), tuple(scale.shape)
-                raise ValueError(f"lmbda_scale must be a scalar or have shape {expected}, got {got}")
-            scale = scale.repeat(len(shifts))  # copies are ordered shift by shift, each a whole batch
-        out = self.decode(self.encode(copies, scale))  # (S^2 B, C, H', W')
-        out = out.unflatten(0, (len(shifts), -1))  # (S^2, B, C, H', W')
+        per_sample = isinstance(scale, torch.Tensor) and scale.dim() == 1 and (_is_exporting() or scale.shape[0] > 1)
+        if per_sample and not _is_exporting() and scale.shape[0] != x.shape[0]:
+            expected, got = (x.shape[0],), tuple(scale.shape)
+            raise ValueError(f"lmbda_scale must be a scalar or have shape {expected}, got {got}")
         h, w = size
-        return torch.stack([out[i, ..., dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts)]).mean(0)
+        if _is_exporting():
+            group = len(shifts)  # one batch of every copy: a graph without loops
+        else:
+            # Eager: a few shifts at a time, so memory and the working set follow one batch, not S^2 of them.
+            group = max(1, SHIFT_PASS_PIXELS // ((h + s) * (w + s) * x.shape[0]))
+        total = None
+        for first in range(0, len(shifts), group):
+            part = shifts[first : first + group]
+            # Shifting by (dy, dx) pads dy rows on top and s - dy below, so every copy has the same size.
+            copies = torch.cat([F.pad(x, (dx, s - dx, dy, s - dy), mode="replicate") for dy, dx in part])
+            # Copies are ordered shift by shift, each a whole batch.
+            out = self.decode(self.encode(copies, scale.repeat(len(part)) if per_sample else scale))
+            out = out.unflatten(0, (len(part), -1))  # (shifts, B, C, H', W')
+            crops = torch.stack([out[i, ..., dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(part)]).sum(0)
+            total = crops if total is None else total + crops
+        return total / len(shifts)
 
     def lmbda_scale_for_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """The calibrated ``lmbda_scale`` for Gaussian noise of std ``sigma`` (0..255 scale), per sample."""

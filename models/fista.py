@@ -34,8 +34,8 @@ _forced_form: str | None = None
 def fista_form(form: str | None) -> Iterator[None]:
     """Encode in one form of FISTA inside the block, whatever the mode: ``"training"``, ``"inference"``
     (what tracing exports: rescaled where the model allows, else folded; see ``CSCLayer._fista_inference``
-    and ``CSCLayer._encode_rescaled``) or ``"folded"``. ``None``: the default, training form in eager mode,
-    inference form when traced (folded when compiled). For benchmarks and tests."""
+    and ``CSCLayer._encode_rescaled``) or ``"folded"``. ``None``: the default (``current_form``): the training
+    form while gradients are recorded, else the inference form (folded when compiled). For benchmarks and tests."""
     global _forced_form
     if form not in (*FISTA_FORMS, None):
         raise ValueError(f"form must be one of {FISTA_FORMS} or None, got {form!r}")
@@ -58,3 +58,11 @@ def _is_exporting() -> bool:
 def forced_form() -> str | None:
     """The form ``fista_form`` imposes now, or ``None``."""
     return _forced_form
+
+
+def current_form() -> str:
+    """The form FISTA runs in now: the forced one, else ``"inference"`` when traced, compiled or run without
+    gradients (``torch.no_grad``, ``torch.inference_mode``), else ``"training"``."""
+    if _forced_form is not None:
+        return _forced_form
+    return "inference" if _is_exporting() or not torch.is_grad_enabled() else "training"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fista import SCALE_FLOOR, _is_exporting, fista_momentum, forced_form
+from .fista import SCALE_FLOOR, _is_exporting, current_form, fista_momentum
 
 PADDING_MODES = ("zeros", "circular")
 
@@ -281,8 +281,7 @@ class CSCLayer(nn.Module):
 
     def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
         """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, K, 1, 1)."""
-        forced = forced_form()
-        if forced in ("inference", "folded") or (forced is None and _is_exporting()):
+        if current_form() != "training":
             return self._fista_inference(x, weight, thresh)
         mode = self.padding_mode
         eta = self.step_size.to(x.dtype)
@@ -350,8 +349,7 @@ class CSCLayer(nn.Module):
         """The rescaled form: for an inference form outside ``torch.compile`` (which fuses the elementwise
         passes itself), in float32 or bfloat16 (float16 cannot hold the rescaled input of small scales),
         with penalty weights that all divide safely. Decided on constants, so a trace stays valid."""
-        form = forced_form() or ("inference" if _is_exporting() else "training")
-        if form != "inference" or torch.compiler.is_compiling() or x.dtype == torch.float16:
+        if current_form() != "inference" or torch.compiler.is_compiling() or x.dtype == torch.float16:
             return False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a property of the weights, not the data

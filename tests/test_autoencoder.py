@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import CSCAutoencoder, ConfigError, CSCConfig, StageConfig
+from models import CSCAutoencoder, ConfigError, CSCConfig, StageConfig, autoencoder
 from tests.conftest import tiny_config
 
 
@@ -71,8 +71,10 @@ def _shifted_mean(model: CSCAutoencoder, x: torch.Tensor, scale) -> torch.Tensor
     return torch.stack(outs).mean(0)
 
 
-@pytest.mark.parametrize("height,width", [(20, 24), (17, 9)])
-def test_shift_average_is_the_mean_over_every_shift_of_the_stride(height, width):
+@pytest.mark.parametrize("height,width,pass_pixels", [(20, 24, 1 << 18), (17, 9, 1 << 18), (20, 24, 1), (17, 9, 2000)])
+def test_shift_average_is_the_mean_over_every_shift_of_the_stride(height, width, pass_pixels, monkeypatch):
+    # Every shift in one pass, one shift per pass, and passes of a few shifts (the last one shorter).
+    monkeypatch.setattr(autoencoder, "SHIFT_PASS_PIXELS", pass_pixels)
     torch.manual_seed(0)
     model = CSCAutoencoder(tiny_config(shift_average=True, nonnegative=False)).eval()
     x = torch.rand(3, 3, height, width, generator=torch.Generator().manual_seed(1))

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models import load_pretrained
+from models import CSCAutoencoder, CSCConfig, StageConfig, load_pretrained
+from training.evaluate import evaluate_images, move_reconstruction_setting, sparsest_reconstruction_scale
 from training.presets import PRESETS
 from training.run import train
-from training.trainer import Calibration, TrainConfig, Trainer
+from training.trainer import Calibration, TrainConfig, Trainer, init_dictionaries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,3 +195,53 @@ def test_torchrun_two_processes_average_gradients(data_dir, tmp_path):
     assert ddp.config.provenance["processes"] == 2
     assert not all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "ddp"), weights(tmp_path / "one")))
     assert dataclasses.asdict(ddp.config)["noise_calibration"] is not None
+
+
+def test_recon_psnr_makes_scale_one_the_sparsest_reconstruction_meeting_it(data_dir, tmp_path):
+    plain = train(tiny_run(data_dir, tmp_path / "plain", iterations=6, lr=3e-3), PRESETS["tiny"], progress=False)
+    reached = json.loads((plain / "metrics.jsonl").read_text().splitlines()[-1])["holdout_psnr"]
+    moved = train(tiny_run(data_dir, tmp_path / "moved", iterations=6, lr=3e-3, recon_psnr=reached - 2.0),
+                  PRESETS["tiny"], progress=False)
+    a, b = load_pretrained(plain), load_pretrained(moved)
+    factor = b.config.provenance["reconstruction_scale_factor"]
+    assert factor > 1.2
+    for before, after in zip(a.stages, b.stages):  # the same training; only the penalty weights moved
+        torch.testing.assert_close(after.dictionary, before.dictionary, rtol=0, atol=0)
+        torch.testing.assert_close(after.lmbda_weights, before.lmbda_weights * factor)
+    record = json.loads((moved / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["holdout_psnr"] == pytest.approx(reached)  # metrics are logged before the move
+    images = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    sparse = evaluate_images(b, images, "reconstruct").zero_fraction
+    assert sparse > evaluate_images(a, images, "reconstruct").zero_fraction
+
+
+def test_moving_the_reconstruction_setting_keeps_every_denoising_threshold():
+    torch.manual_seed(0)
+    model = CSCAutoencoder(dataclasses.replace(PRESETS["tiny"], noise_calibration=((0, 1), (20, 3), (50, 6))))
+    model.eval()
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    # From the first knot on; below it the map runs from the new reconstruction setting, s(0) = 1.
+    before = {sigma: model.denoise(x, sigma) for sigma in (20.0, 35.0, 50.0, 60.0)}
+    at_three = model.reconstruct(x, 3.0)
+    knots = move_reconstruction_setting(model, 3.0)
+    assert knots == ((0, 1), (20, 1.0), (50, 2.0))
+    model.config = dataclasses.replace(model.config, noise_calibration=knots)
+    for sigma, out in before.items():
+        torch.testing.assert_close(model.denoise(x, sigma), out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.reconstruct(x, 1.0), at_three, rtol=1e-5, atol=1e-6)
+
+
+def test_sparsest_reconstruction_scale_is_the_largest_meeting_the_target():
+    # A tight frame of 3x3 colour atoms: exact at a small threshold, worse as the threshold grows.
+    model = CSCAutoencoder(CSCConfig(in_channels=3, stages=(StageConfig(27, 3, lmbda=0.01, num_steps=5),)))
+    init_dictionaries(model)
+    model.eval()
+    images = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def quality(scale: float) -> float:
+        return evaluate_images(model, images, "reconstruct", lmbda_scale=scale).psnr
+
+    target = quality(1.0) - 3.0
+    scale = sparsest_reconstruction_scale(model, images, target)
+    assert scale > 1.5 and quality(scale) >= target > quality(scale * 1.05)
+    assert sparsest_reconstruction_scale(model, images, quality(1.0) + 1.0) == 1.0

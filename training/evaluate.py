@@ -124,3 +124,36 @@ def refine_calibration(
             best = max(best, (float(torch.cat(scores).mean()), scale * f))
         knots[k] = (sigma, best[1])
     return tuple(knots)
+
+
+@torch.no_grad()
+def sparsest_reconstruction_scale(
+    model: CSCAutoencoder, images: Sequence[torch.Tensor], target_psnr: float, top: float = 64.0, steps: int = 8
+) -> float:
+    """The largest ``lmbda_scale`` in ``[1, top]`` whose mean reconstruction PSNR on ``images`` is at least
+    ``target_psnr`` (bisection on its logarithm, ``steps`` evaluations; PSNR falls as the scale grows).
+    1.0 when scale 1 already misses the target."""
+    def passes(scale: float) -> bool:
+        return evaluate_images(model, images, "reconstruct", lmbda_scale=scale).psnr >= target_psnr
+
+    if not passes(1.0):
+        return 1.0
+    if passes(top):
+        return top
+    low, high = 0.0, math.log(top)  # passes at exp(low), fails at exp(high)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if passes(math.exp(middle)) else (low, middle)
+    return math.exp(low)
+
+
+@torch.no_grad()
+def move_reconstruction_setting(model: CSCAutoencoder, factor: float) -> tuple[tuple[float, float], ...]:
+    """Make ``lmbda_scale`` 1 what ``factor`` was: every stage's per-atom weights grow by ``factor`` and the
+    calibrated scales of every noise level (sigma > 0) shrink by it, so every threshold ``lmbda * w * scale``
+    of a calibrated denoising at or above the first knot is unchanged (below it the map now runs from the new
+    reconstruction setting). Returns the new calibration (``model.config`` is not changed)."""
+    for stage in model.stages:
+        stage.lmbda_weights.mul_(factor)
+    knots = model.config.noise_calibration or ()
+    return tuple((sigma, scale if sigma == 0 else scale / factor) for sigma, scale in knots)

@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from models import CSCAutoencoder, CSCConfig, load_pretrained
 from models.serialization import atomic_write, save_pretrained
 
 from .data import ImageFolderDataset, list_images, load_image, split_paths
-from .evaluate import evaluate_images, refine_calibration
+from .evaluate import evaluate_images, move_reconstruction_setting, refine_calibration, sparsest_reconstruction_scale
 from .trainer import Trainer, TrainConfig, _world, init_dictionaries
 
 CHECKPOINT = "checkpoint"
@@ -96,7 +95,7 @@ def save_checkpoint(trainer: Trainer, out: Path) -> None:
         tensors.update(_loop_tensors(trainer))
         save_file(tensors, tmp / "optimizer.safetensors")
         state = {"step": trainer.step, "param_groups": groups, "history": trainer.history,
-                 "train_config": dataclasses.asdict(trainer.config)}
+                 "train_config": dataclasses.asdict(trainer.config), "train_seconds": round(trainer.seconds(), 1)}
         (tmp / "state.json").write_text(json.dumps(state))
         final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
         if final.exists():
@@ -110,7 +109,7 @@ def save_checkpoint(trainer: Trainer, out: Path) -> None:
 
 
 # Settings a resumed run may change; any other difference would make it a different run.
-RESUMABLE_CHANGES = ("out", "iterations", "checkpoint_every", "eval_every", "eval_images", "figures")
+RESUMABLE_CHANGES = ("out", "iterations", "checkpoint_every", "eval_every", "eval_images", "figures", "recon_psnr")
 
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig) -> None:
@@ -193,11 +192,12 @@ def train(
         _load_optimizers(trainer, tensors, state["param_groups"])
         _restore_loop(trainer, tensors)
         trainer.step, trainer.history = state["step"], state["history"]
+        trainer.prior_seconds = state.get("train_seconds", state["history"][-1]["seconds"] if state["history"] else 0.0)
     if rank == 0:  # the log restarts from what the checkpoint knows: no lines from steps run twice
         lines = "".join(json.dumps(record) + "\n" for record in trainer.history)
         atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
 
-    started = time.time()
+    trainer.start_clock()
     bar = tqdm(total=config.iterations, initial=trainer.step, unit="it", disable=not progress or rank != 0)
     while trainer.step < config.iterations:
         metrics = trainer.train_step(trainer.step)
@@ -206,7 +206,7 @@ def train(
         bar.set_postfix(psnr=f"{metrics['train_psnr']:.2f}", zeros=f"{metrics['zero_fraction']:.2f}")
         last = trainer.step == config.iterations
         if rank == 0 and holdout and (trainer.step % config.eval_every == 0 or last):
-            record = {"step": trainer.step, "seconds": round(time.time() - started, 1), **metrics}
+            record = {"step": trainer.step, "seconds": round(trainer.seconds(), 1), **metrics}
             record.update(evaluate_holdout(trainer))
             trainer.history.append(record)
             _log(out, record)
@@ -222,8 +222,13 @@ def train(
         model.update_step_sizes()  # a cold, converged power iteration for the step sizes that ship
         extra = {"data": str(config.data), "images": len(paths), "processes": world,
                  "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
-                 "train_seconds": round(time.time() - started, 1)}
+                 "train_seconds": round(trainer.seconds(), 1)}
         model.config = final_config(trainer, extra)
+        if holdout and config.recon_psnr > 0:
+            factor = sparsest_reconstruction_scale(model.eval(), holdout, config.recon_psnr)
+            knots = move_reconstruction_setting(model, factor)
+            provenance = {**model.config.provenance, "reconstruction_scale_factor": factor}
+            model.config = dataclasses.replace(model.config, noise_calibration=knots or None, provenance=provenance)
         if holdout and config.sigma_max > 0:
             knots = refine_calibration(model.eval(), holdout, seed=config.seed)
             model.config = dataclasses.replace(model.config, noise_calibration=knots)

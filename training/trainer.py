@@ -33,12 +33,17 @@ pixel gradients add up to the gradient of ``P``; normalised separately by two Ad
 do, so alternation needs a smaller learning rate and is not the default.
 With ``w_rate = 0`` the game reduces to supervised denoising of ``x~`` towards ``x``. After every
 update the atoms are projected to unit norm, the weights ``w`` onto ``w >= 0``, and a warm-started power
-iteration refreshes the FISTA step size. With several processes (``torchrun``), gradients are averaged across them before every update.
+iteration refreshes the FISTA step size. After the last step, ``recon_psnr > 0`` moves the reconstruction
+setting: with ``c`` the largest scale whose held-out reconstruction PSNR stays at ``recon_psnr``, ``w <- c w`` and
+``s(sigma) <- s(sigma) / c`` for ``sigma > 0``, so ``s(0) = 1`` is the sparsest reconstruction that meets the
+target and every denoising threshold ``lmbda w s(sigma)`` at the knots is unchanged (the line search of the
+calibration runs after this move). With several processes (``torchrun``), gradients are averaged across them before every update.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +88,7 @@ class TrainConfig:
     eval_images: int = 8
     alternate: bool = False
     figures: bool = True
+    recon_psnr: float = 0.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -97,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"lr_final must be in (0, 1], got {self.lr_final}")
         if self.lr_thresholds < 0 or self.lr_calibration < 0:
             raise ValueError("lr_thresholds and lr_calibration must be >= 0")
+        if not 0 <= self.recon_psnr < 100:
+            raise ValueError(f"recon_psnr must be in [0, 100) dB, got {self.recon_psnr}")
         if self.sigma_max < 0 or self.lr <= 0 or self.eps <= 0 or self.calibration_knots < 2:
             raise ValueError("sigma_max must be >= 0, lr and eps > 0, calibration_knots >= 2")
 
@@ -231,6 +239,15 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.out = Path(config.out)
         self.rank, self.world = _world()
+        self.prior_seconds = 0.0  # training time of earlier runs of a resumed training
+        self._clock = time.monotonic()
+
+    def start_clock(self) -> None:
+        self._clock = time.monotonic()
+
+    def seconds(self) -> float:
+        """Seconds of training so far, earlier runs of a resumed training included."""
+        return self.prior_seconds + time.monotonic() - self._clock
 
     # ----------------------------------------------------------------------------- one iteration
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
