@@ -33,7 +33,8 @@ HELP_TRAIN = {
     "alternate": "alternate encoder and decoder updates (1) instead of moving both players at once (0)",
     "figures": "write figures at the end (0 or 1)",
     "recon_psnr": "after training, make lmbda_scale 1 the sparsest setting whose held-out reconstruction PSNR "
-                  "(dB) reaches this, leaving every denoising threshold unchanged (0: keep the trained setting)",
+                  "(dB) reaches this, leaving the denoising thresholds at the calibration knots unchanged (0: keep the "
+                  "trained setting)",
 }
 
 
