@@ -135,13 +135,13 @@ class CSCAutoencoder(nn.Module):
             return self.decode(self.encode(x, lmbda_scale), output_size=size)
         self._check_images(x)
         shifts = [(dy, dx) for dy in range(s) for dx in range(s)]
-        scale = lmbda_scale
-        per_sample = isinstance(scale, torch.Tensor) and scale.dim() == 1 and (_is_exporting() or scale.shape[0] > 1)
-        if per_sample and not _is_exporting() and scale.shape[0] != x.shape[0]:
+        scale, exporting = lmbda_scale, _is_exporting()
+        per_sample = isinstance(scale, torch.Tensor) and scale.dim() == 1 and (exporting or scale.shape[0] > 1)
+        if per_sample and not exporting and scale.shape[0] != x.shape[0]:
             expected, got = (x.shape[0],), tuple(scale.shape)
             raise ValueError(f"lmbda_scale must be a scalar or have shape {expected}, got {got}")
         h, w = size
-        if _is_exporting():
+        if exporting:
             group = len(shifts)  # one batch of every copy: a graph without loops
         else:
             # Eager: a few shifts at a time, so memory and the working set follow one batch, not S^2 of them.

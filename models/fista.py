@@ -55,11 +55,6 @@ def _is_exporting() -> bool:
     )
 
 
-def forced_form() -> str | None:
-    """The form ``fista_form`` imposes now, or ``None``."""
-    return _forced_form
-
-
 def current_form() -> str:
     """The form FISTA runs in now: the forced one, else ``"inference"`` when traced, compiled or run without
     gradients (``torch.no_grad``, ``torch.inference_mode``), else ``"training"``."""
