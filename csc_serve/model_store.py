@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.serialization import CONFIG_NAME, PRETRAINED_DIR, WEIGHTS_NAME, bundled_models, read_config
+from csc_serve.models.serialization import CONFIG_NAME, PRETRAINED_DIR, WEIGHTS_NAME, bundled_models, read_config
 
 ARTIFACTS_DIR = "artifacts"
 
@@ -37,7 +37,7 @@ def is_store_reference(reference: str) -> bool:
 def resolve_source(reference: str, artifacts: str | os.PathLike | None = None) -> ModelSource:
     """Find the model and check its config (cheap: the weights are verified when they are loaded)."""
     if not is_store_reference(reference):
-        from models.serialization import resolve_model_dir
+        from csc_serve.models.serialization import resolve_model_dir
 
         directory = resolve_model_dir(reference)
         kind = "directory" if Path(reference).exists() else "bundled"
@@ -91,8 +91,8 @@ def import_model(model_dir: str | os.PathLike, name: str | None = None,
     """
     import tempfile
 
-    from export.manifest import library_versions, verify_manifest
-    from models import load_pretrained
+    from csc_serve.export.manifest import library_versions, verify_manifest
+    from csc_serve.models import load_pretrained
 
     bentoml = _bentoml()
     source = Path(model_dir)
@@ -110,7 +110,7 @@ def import_model(model_dir: str | os.PathLike, name: str | None = None,
         if artifacts is not None:
             manifest = verify_manifest(artifacts, sha, model.config)
         elif export:
-            from export.onnx_export import export_onnx
+            from csc_serve.export.onnx_export import export_onnx
 
             progress("exporting ONNX graphs")
             artifacts = Path(scratch) / ARTIFACTS_DIR
@@ -130,7 +130,7 @@ def import_model(model_dir: str | os.PathLike, name: str | None = None,
 
 def _copy_artifacts(source: Path, target: Path, manifest: dict) -> None:
     """The manifest and every file it lists (ONNX graphs, TensorRT plans), nothing else."""
-    from export.manifest import MANIFEST_NAME, artifact_path
+    from csc_serve.export.manifest import MANIFEST_NAME, artifact_path
 
     target.mkdir(parents=True, exist_ok=True)
     entries = list(manifest.get("onnx", {}).get("graphs", {}).values())

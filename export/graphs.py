@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import CSCAutoencoder
+from csc_serve.models import CSCAutoencoder
 
 
 class EncodeGraph(nn.Module):

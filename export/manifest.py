@@ -12,7 +12,7 @@ One manifest per artifact directory::
                                                  "dtype": "float32"}, ...],
                                      "outputs": [...], "parity": {...}},
                           "decode": {...}, "reconstruct": {...}, "encode_fp16": {...}, ...}},
-      "tensorrt": {...},       # written by ``export.tensorrt`` when plans are built
+      "tensorrt": {...},       # written by ``csc_serve.export.tensorrt`` when plans are built
       "versions": {"torch": "...", "onnx": "...", "onnxruntime": "...", "csc-serve": "..."}
     }
 
@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from models.serialization import atomic_write, read_json_document, sha256_file
+from csc_serve.models.serialization import atomic_write, read_json_document, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "csc-ctrl-artifacts"

@@ -1,6 +1,6 @@
 """Unrolled FISTA to ONNX: ``encode``, ``decode`` and ``reconstruct`` graphs, each checked against torch.
 
-Every graph is traced from the model itself (``export.graphs``), with dynamic batch, height and width,
+Every graph is traced from the model itself (``csc_serve.export.graphs``), with dynamic batch, height and width,
 written as one self-contained file, passed through ``onnx.checker``, and run in ONNX Runtime against the
 torch model before it is kept: two image sizes, two ``lmbda_scale`` values that must give different codes,
 max abs error at most ``PARITY_TOLERANCE``. A graph that fails is not written.
@@ -23,8 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from models import CSCAutoencoder
-from models.serialization import atomic_write, sha256_file
+from csc_serve.models import CSCAutoencoder
+from csc_serve.models.serialization import atomic_write, sha256_file
 
 from .graphs import GRAPHS, dynamic_axes, io_shapes
 from .manifest import FORMAT, FORMAT_VERSION, config_sha256, library_versions, utc_now, write_manifest

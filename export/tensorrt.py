@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from csc_serve.backends.base import BackendUnavailable
-from models.serialization import atomic_write, sha256_file
+from csc_serve.models.serialization import atomic_write, sha256_file
 
 from .manifest import ArtifactError, artifact_path, read_manifest, write_manifest
 from .onnx_export import ExportError

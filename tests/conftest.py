@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import CSCAutoencoder, CSCConfig, StageConfig
+from csc_serve.models import CSCAutoencoder, CSCConfig, StageConfig
 
 
 def tiny_config(**overrides) -> CSCConfig:

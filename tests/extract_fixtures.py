@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import CSCAutoencoder
+from csc_serve.models import CSCAutoencoder
 
 from .conftest import tiny_config
 

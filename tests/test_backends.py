@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from csc_serve.backends import BACKEND_NAMES, available_backends, load_backend
-from export import ArtifactError, export_onnx
-from models import CSCAutoencoder
-from models.serialization import weights_sha256
+from csc_serve.export import ArtifactError, export_onnx
+from csc_serve.models import CSCAutoencoder
+from csc_serve.models.serialization import weights_sha256
 
 from .conftest import tiny_config
 
@@ -108,7 +108,7 @@ def test_cached_graphs_are_reused_until_the_graph_revision_changes(model_dir, ca
     old["onnx"]["graph_revision"] = 1
     manifest_path.write_text(json.dumps(old))
     onnx_artifacts(model, sha, str(model_dir))
-    from export.onnx_export import GRAPH_REVISION
+    from csc_serve.export.onnx_export import GRAPH_REVISION
 
     assert json.loads(manifest_path.read_text())["onnx"]["graph_revision"] == GRAPH_REVISION
 
@@ -199,7 +199,7 @@ def test_tensorrt_without_tensorrt_is_unavailable_not_a_crash(model_dir, cache):
 
 def test_optional_runtimes_are_imported_lazily():
     code = (
-        "import sys, csc_serve.backends, csc_serve.cli, export; "
+        "import sys, csc_serve.backends, csc_serve.cli, csc_serve.export; "
         "print(sorted(m for m in ('onnxruntime', 'tensorrt', 'onnx') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from csc_serve.bench import BenchConfig, bench_images, format_table, linear_fit, run_bench
-from csc_serve.cli import main
-from models import CSCAutoencoder
+from csc_serve.bench.backends import BenchConfig, bench_images, format_table, linear_fit, run_bench
+from csc_serve.cli.main import main
+from csc_serve.models import CSCAutoencoder
 
 from .conftest import tiny_config
 
@@ -91,8 +91,8 @@ def test_csc_bench_bad_arguments_give_one_line(args, message, model_dir):
 
 
 def test_ablation_times_every_variant_on_the_same_case(model_dir):
-    from csc_serve.ablation import run_ablation
-    from models.serialization import weights_sha256
+    from csc_serve.bench.ablation import run_ablation
+    from csc_serve.models.serialization import weights_sha256
 
     model = CSCAutoencoder.from_pretrained(model_dir)
     rows = run_ablation(model, weights_sha256(model), batch=2, size=16, threads=2, peak=100.0, data=None,

@@ -4,7 +4,7 @@ import sys
 import pytest
 from PIL import Image
 
-from csc_serve.cli import main
+from csc_serve.cli.main import main
 
 
 def run_csc(*args):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from csc_serve.cli import main
+from csc_serve.cli.main import main
 from tests.test_training import write_image_folder
 
 TINY = ["--preset", "tiny", "--crop-size", "16", "--batch-size", "4", "--iterations", "3", "--rate-batch", "2",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import ImageFolderDataset, ImageReadError, list_images, load_image, split_paths
+from csc_serve.training.data import ImageFolderDataset, ImageReadError, list_images, load_image, split_paths
 
 
 def _rgb(h: int = 20, w: int = 24, seed: int = 0) -> np.ndarray:

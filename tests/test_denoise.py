@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from models import ConfigError, CSCAutoencoder, CSCConfig, add_gaussian_noise
-from models.calibration import interpolate_scale
+from csc_serve.models import ConfigError, CSCAutoencoder, CSCConfig, add_gaussian_noise
+from csc_serve.models.calibration import interpolate_scale
 from tests.conftest import tiny_config
 
 KNOTS = ((0.0, 1.0), (20.0, 3.0), (40.0, 4.0))
@@ -78,7 +78,7 @@ def test_blind_denoise_estimates_the_level_per_image(smooth_images):
     model = CSCAutoencoder(tiny_config(noise_calibration=KNOTS)).eval()
     sigmas = torch.tensor([10.0, 40.0])
     noisy = add_gaussian_noise(smooth_images, sigmas, torch.Generator().manual_seed(1))
-    from models import estimate_noise_sigma
+    from csc_serve.models import estimate_noise_sigma
 
     estimated = estimate_noise_sigma(noisy)
     assert torch.allclose(estimated, sigmas.double(), rtol=0.1)  # the estimator's documented accuracy
@@ -97,7 +97,7 @@ def test_larger_sigma_gives_sparser_codes(smooth_images):
 
 
 def test_refined_calibration_is_never_worse_on_its_images(smooth_images):
-    from training.evaluate import evaluate_images, refine_calibration
+    from csc_serve.training.evaluate import evaluate_images, refine_calibration
 
     torch.manual_seed(0)
     model = CSCAutoencoder(tiny_config(noise_calibration=KNOTS)).eval()
@@ -114,7 +114,7 @@ def test_refined_calibration_is_never_worse_on_its_images(smooth_images):
 
 
 def test_evaluation_noise_is_float_unclipped_and_tied_to_seed_and_index():
-    from training.evaluate import noisy_copy
+    from csc_serve.training.evaluate import noisy_copy
 
     clean = torch.full((3, 64, 64), 0.5)
     noisy = noisy_copy(clean, 25.0, seed=0, index=0)

@@ -9,12 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import export.onnx_export as onnx_export
-from export import ArtifactError, ExportError, export_onnx, verify_manifest
-from export.flops import conv_flops
-from export.manifest import artifact_path, read_manifest
-from models import CSCAutoencoder, CSCLayer, StageConfig, fista_form
-from models.serialization import weights_sha256
+import csc_serve.export.onnx_export as onnx_export
+from csc_serve.export import ArtifactError, ExportError, export_onnx, verify_manifest
+from csc_serve.export.flops import conv_flops
+from csc_serve.export.manifest import artifact_path, read_manifest
+from csc_serve.models import CSCAutoencoder, CSCLayer, StageConfig, fista_form
+from csc_serve.models.serialization import weights_sha256
 
 from .conftest import tiny_config
 

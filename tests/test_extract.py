@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from csc_serve.backends import load_backend
-from csc_serve.cli import main
-from csc_serve.extract import ExtractConfig, list_inputs, load_features, run_extract
-from csc_serve.extract_shards import FeatureFormatError
-from models import load_pretrained
-from training.data import load_image
+from csc_serve.cli.main import main
+from csc_serve.extract.run import ExtractConfig, list_inputs, load_features, run_extract
+from csc_serve.extract.shards import FeatureFormatError
+from csc_serve.models import load_pretrained
+from csc_serve.training.data import load_image
 
 from .extract_fixtures import assert_same_features, make_images, save_tiny_model
 

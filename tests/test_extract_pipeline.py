@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from csc_serve.backends import load_backend
-from csc_serve.cli import main
-from csc_serve.extract import ExtractConfig, encode_shard, load_features, run_extract
-from csc_serve.extract_shards import sparse_row
+from csc_serve.cli.main import main
+from csc_serve.extract.run import ExtractConfig, encode_shard, load_features, run_extract
+from csc_serve.extract.shards import sparse_row
 
 from .extract_fixtures import assert_same_features, make_images, save_tiny_model
 
@@ -117,7 +117,7 @@ def test_a_batch_also_ends_at_the_pixel_budget():
 
 
 def test_decoding_runs_ahead_by_pixels_not_only_by_images(tmp_path):
-    from csc_serve.extract import decoded
+    from csc_serve.extract.run import decoded
 
     class CountingPool(ThreadPoolExecutor):
         def __init__(self):
@@ -142,7 +142,7 @@ def test_decoding_runs_ahead_by_pixels_not_only_by_images(tmp_path):
 
 
 def test_batches_in_flight_give_the_same_rows(model_dir, images):
-    from csc_serve.extract import StageEncoder
+    from csc_serve.extract.run import StageEncoder
 
     encoder = StageEncoder(str(model_dir), None, "onnxruntime-cpu")
     items = [(f"img{i}.png", image) for i, image in enumerate(images)]

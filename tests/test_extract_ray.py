@@ -1,7 +1,7 @@
 import pytest
 import ray
 
-from csc_serve.extract import ExtractConfig, load_features, run_extract
+from csc_serve.extract.run import ExtractConfig, load_features, run_extract
 
 from .extract_fixtures import assert_same_features, make_images, save_tiny_model
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import CSCLayer
+from csc_serve.models import CSCLayer
 from tests.reference import lasso_objective, optimality_violation, solve_lasso, synthesis_matrix
 
 BOUNDARIES = ["zeros", "circular"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.losses import (
+from csc_serve.training.losses import (
     binary_rate_reduction,
     class_rate_reduction,
     coding_rate,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.noise import add_gaussian_noise, estimate_noise_sigma
+from csc_serve.models.noise import add_gaussian_noise, estimate_noise_sigma
 
 SIGMAS = [5, 10, 15, 25, 35, 50]
 SIZE = 256

@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from models import CSCAutoencoder, ModelLoadError, bundled_models, load_pretrained
-from models import serialization
+from csc_serve.models import CSCAutoencoder, ModelLoadError, bundled_models, load_pretrained
+from csc_serve.models import serialization
 from tests.conftest import tiny_config
 
 

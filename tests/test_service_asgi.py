@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from csc_serve.service import CSCService
-from csc_serve.service_engine import Engine
-from csc_serve.service_settings import ServeSettings
-from models import CSCAutoencoder
+from csc_serve.service.api import CSCService
+from csc_serve.service.engine import Engine
+from csc_serve.service.settings import ServeSettings
+from csc_serve.models import CSCAutoencoder
 
 from .conftest import tiny_config
 
@@ -184,7 +184,7 @@ def test_finished_requests_leave_no_timer_holding_their_context(app):
 
 
 def test_a_request_past_the_timeout_gets_a_504_and_the_work_is_cancelled():
-    from csc_serve.service_guard import CancelledTimeout
+    from csc_serve.service.guard import CancelledTimeout
 
     cancelled = asyncio.Event()
 

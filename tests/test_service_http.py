@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from csc_serve.backends import load_backend
-from csc_serve.server_process import ServerProcess
-from csc_serve.tiling import TILE_TOLERANCE
+from csc_serve.service.process import ServerProcess
+from csc_serve.service.tiling import TILE_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"CSC_TILE_SIZE": "64", "CSC_MAX_PIXELS": str(300 * 300), "CSC_MAX_BODY_BYTES": str(2 << 20),

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from csc_serve.service_settings import ServeSettings
+from csc_serve.service.settings import ServeSettings
 
 
 def test_defaults_serve_the_bundled_model_on_the_fastest_backend():

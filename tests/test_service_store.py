@@ -15,10 +15,10 @@ import torch
 import yaml
 from PIL import Image
 
-from csc_serve.server_process import ServerProcess
-from export import export_onnx
-from models import CSCAutoencoder
-from models.serialization import weights_sha256
+from csc_serve.service.process import ServerProcess
+from csc_serve.export import export_onnx
+from csc_serve.models import CSCAutoencoder
+from csc_serve.models.serialization import weights_sha256
 
 from .conftest import tiny_config
 
@@ -120,7 +120,7 @@ def test_bentoml_build_references_the_service_the_code_and_the_store_model(home,
     name, version = bento_tag.split(":")
     bento = Path(env["BENTOML_HOME"]) / "bentos" / name / version
     info = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert info["service"] == "csc_serve.service:CSCService"
+    assert info["service"] == "csc_serve.service.api:CSCService"
     # The service references the store model; BentoML copies it in when the Bento is exported or containerized.
     assert [m["tag"] for m in info["services"][0]["models"]] == [tag]
     assert (bento / "src" / "models" / "pretrained" / "csc-ctrl-rgb" / "model.safetensors").is_file()

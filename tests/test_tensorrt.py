@@ -19,14 +19,14 @@ import torch
 
 from csc_serve.backends.base import BackendUnavailable
 from csc_serve.backends.tensorrt_backend import TensorRTBackend, check_in_profile, verify_plans
-from export.manifest import ArtifactError, read_manifest, write_manifest
-from export.tensorrt import (
+from csc_serve.export.manifest import ArtifactError, read_manifest, write_manifest
+from csc_serve.export.tensorrt import (
     INSTALL_HINT, Profile, TensorRTBuildError, TensorRTMismatch, add_tensorrt_arguments, build_from_args,
     build_plans, check_tensorrt_args, input_shapes, parse_profile,
 )
-from export.trt_ops import check_tensorrt_compatible, unsupported_ops
-from models import CSCAutoencoder, CSCConfig, StageConfig
-from models.serialization import sha256_file, weights_sha256
+from csc_serve.export.trt_ops import check_tensorrt_compatible, unsupported_ops
+from csc_serve.models import CSCAutoencoder, CSCConfig, StageConfig
+from csc_serve.models.serialization import sha256_file, weights_sha256
 from tests.conftest import tiny_config
 
 HAVE_GPU = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -84,7 +84,7 @@ def trace_graphs(model: CSCAutoencoder, directory: Path) -> dict:
 def export_graphs(model: CSCAutoencoder, directory: Path, fp16: bool = False) -> dict:
     """The graphs and manifest from ``export_onnx`` (given only the options it takes), else ``trace_graphs``."""
     try:
-        from export.onnx_export import export_onnx
+        from csc_serve.export.onnx_export import export_onnx
     except ImportError:
         return trace_graphs(model, directory)
     options = {"weights_sha256": weights_sha256(model), "source": "test", "fp16": fp16}
@@ -300,7 +300,7 @@ def stand_in_tensorrt(parses: bool = True) -> MagicMock:
 @pytest.fixture
 def artifacts(exported, tmp_path, monkeypatch):
     """A copy of the zeros model's export, with this machine posing as an 8.9 GPU."""
-    monkeypatch.setattr("export.tensorrt.cuda_device", lambda: {"device": "NVIDIA L4", "compute_capability": "8.9"})
+    monkeypatch.setattr("csc_serve.export.tensorrt.cuda_device", lambda: {"device": "NVIDIA L4", "compute_capability": "8.9"})
     model, directory, manifest = exported("zeros")
     return model, shutil.copytree(directory, tmp_path / "artifacts"), manifest
 

@@ -1,4 +1,4 @@
-"""The TensorRT ONNX parser check (``export.trt_ops``) on hand-made graphs: what it accepts and what it
+"""The TensorRT ONNX parser check (``csc_serve.export.trt_ops``) on hand-made graphs: what it accepts and what it
 reports, one graph per rule."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from export.trt_ops import check_tensorrt_compatible, unsupported_ops  # noqa: E402
+from csc_serve.export.trt_ops import check_tensorrt_compatible, unsupported_ops  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- hand-made graphs

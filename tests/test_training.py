@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models import CSCAutoencoder, CSCConfig, StageConfig, load_pretrained
-from training.evaluate import evaluate_images, move_reconstruction_setting, sparsest_reconstruction_scale
-from training.presets import PRESETS
-from training.run import train
-from training.trainer import Calibration, TrainConfig, Trainer, init_dictionaries
+from csc_serve.models import CSCAutoencoder, CSCConfig, StageConfig, load_pretrained
+from csc_serve.training.evaluate import evaluate_images, move_reconstruction_setting, sparsest_reconstruction_scale
+from csc_serve.training.presets import PRESETS
+from csc_serve.training.run import train
+from csc_serve.training.trainer import Calibration, TrainConfig, Trainer, init_dictionaries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,11 +158,11 @@ def test_calibration_starts_at_one_and_is_learnable():
 
 
 def test_rate_terms_change_the_update(data_dir):
-    from training.data import ImageFolderDataset, list_images
+    from csc_serve.training.data import ImageFolderDataset, list_images
 
     def one_step(rate_weight):
         torch.manual_seed(0)
-        from models import CSCAutoencoder
+        from csc_serve.models import CSCAutoencoder
 
         model = CSCAutoencoder(PRESETS["tiny"]).train()
         config = tiny_run(data_dir, "unused", rate_weight=rate_weight)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from models import CSCAutoencoder
-from models.noise import estimate_noise_sigma
+from csc_serve.models import CSCAutoencoder
+from csc_serve.models.noise import estimate_noise_sigma
 
 
 @dataclass

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import CSCAutoencoder
-from models.serialization import atomic_write
+from csc_serve.models import CSCAutoencoder
+from csc_serve.models.serialization import atomic_write
 
 
 @torch.no_grad()

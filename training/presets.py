@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models import CSCConfig, StageConfig
+from csc_serve.models import CSCConfig, StageConfig
 
 PRESETS: dict[str, CSCConfig] = {
     # Colour, 5x5 atoms at full resolution, then a 1x1 stage over their codes (45 KB): about a fifth of the

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from models import CSCAutoencoder, CSCConfig, load_pretrained
-from models.serialization import atomic_write, save_pretrained
+from csc_serve.models import CSCAutoencoder, CSCConfig, load_pretrained
+from csc_serve.models.serialization import atomic_write, save_pretrained
 
 from .data import ImageFolderDataset, list_images, load_image, split_paths
 from .evaluate import evaluate_images, move_reconstruction_setting, refine_calibration, sparsest_reconstruction_scale

@@ -16,7 +16,7 @@ different paths; ``sg`` marks a stop-gradient:
 
 where ``R(Z) = 1/2 logdet(I + d/(n eps^2) Z^T Z)`` is the coding rate of the batch features and
 ``Delta R(Z, Z^) = R(Z u Z^) - (R(Z) + R(Z^)) / 2`` the binary (real vs. reconstructed) rate reduction
-(``training.losses``; features are the unit-normalised last-stage codes of the first ``rate_batch``
+(``csc_serve.training.losses``; features are the unit-normalised last-stage codes of the first ``rate_batch``
 crops). The encoder expands the real features and separates them from their re-encoded reconstructions;
 the decoder makes the reconstructions indistinguishable in feature space. Both add the pixel term
 ``w_pix * P(X^, x)`` with ``P = mean_i log(||X^_i - x_i||^2 / N)`` (N values per image) (clean targets, noisy inputs: robust
@@ -53,8 +53,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models import CSCAutoencoder
-from models.calibration import interpolate_scale
+from csc_serve.models import CSCAutoencoder
+from csc_serve.models.calibration import interpolate_scale
 
 from .evaluate import psnr
 from .losses import binary_rate_reduction, coding_rate, flatten_features

@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from models import CSCAutoencoder, load_pretrained
-from models.serialization import read_config, resolve_model_dir, weights_sha256
+from csc_serve.models import CSCAutoencoder, load_pretrained
+from csc_serve.models.serialization import read_config, resolve_model_dir, weights_sha256
 
-from .base import Backend, BackendUnavailable
+from csc_serve.backends.base import Backend, BackendUnavailable
 
 BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch")
 
@@ -36,7 +36,7 @@ def resolve_model(model: str | os.PathLike | CSCAutoencoder) -> tuple[CSCAutoenc
 
 def cache_dir(sha256: str, config) -> Path:
     """The cache directory of one model's graphs: weights and config both shape the graphs."""
-    from export.manifest import config_sha256
+    from csc_serve.export.manifest import config_sha256
 
     root = Path(os.environ.get("CSC_CACHE_DIR") or Path.home() / ".cache" / "csc-serve")
     return root / f"{sha256[:16]}-{config_sha256(config)[:8]}"
@@ -44,7 +44,7 @@ def cache_dir(sha256: str, config) -> Path:
 
 def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=None, fp16: bool = False) -> Path:
     """A directory holding the model's ONNX graphs: ``artifacts`` as given, or the cache (exported if needed)."""
-    from export.manifest import ArtifactError, config_sha256, read_manifest
+    from csc_serve.export.manifest import ArtifactError, config_sha256, read_manifest
 
     if artifacts is not None:
         return Path(artifacts)
@@ -53,21 +53,21 @@ def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=No
         manifest = read_manifest(directory)
     except ArtifactError:
         manifest = None
-    from export.onnx_export import GRAPH_REVISION
+    from csc_serve.export.onnx_export import GRAPH_REVISION
 
     current = manifest is not None and manifest.get("onnx", {}).get("graph_revision") == GRAPH_REVISION
     same_model = current and manifest["model"]["weights_sha256"] == sha256
     if same_model and manifest["model"].get("config_sha256") == config_sha256(model.config):
         if not fp16 or "encode_fp16" in manifest.get("onnx", {}).get("graphs", {}):
             return directory
-    from export.onnx_export import export_onnx
+    from csc_serve.export.onnx_export import export_onnx
 
     export_onnx(model, directory, weights_sha256=sha256, source=source, fp16=fp16)
     return directory
 
 
 def _onnxruntime(model, sha, source, provider, artifacts, precision, threads):
-    from .onnxruntime_backend import OnnxRuntimeBackend, available_providers
+    from csc_serve.backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers
 
     if provider not in available_providers():
         raise BackendUnavailable(f"onnxruntime with the {provider} provider is not available here")
@@ -76,7 +76,7 @@ def _onnxruntime(model, sha, source, provider, artifacts, precision, threads):
 
 
 def _tensorrt(model, sha, source, artifacts, precision):
-    from .tensorrt_backend import TensorRTBackend
+    from csc_serve.backends.tensorrt_backend import TensorRTBackend
 
     directory = Path(artifacts) if artifacts is not None else cache_dir(sha, model.config)
     return TensorRTBackend(model.config, sha, directory, precision=precision)
@@ -111,7 +111,7 @@ def load_backend(
     if name in ("onnxruntime-cpu", "onnxruntime-cuda"):
         return _onnxruntime(module, sha, source, name.split("-")[1], artifacts, precision, threads)
     if name == "onnxruntime":
-        from .onnxruntime_backend import available_providers
+        from csc_serve.backends.onnxruntime_backend import available_providers
 
         provider = "cuda" if "cuda" in available_providers() else "cpu"
         return _onnxruntime(module, sha, source, provider, artifacts, precision, threads)
@@ -119,13 +119,13 @@ def load_backend(
 
 
 def _torch_backend(module, device, precision, compile, sha):
-    from .torch_backend import TorchBackend
+    from csc_serve.backends.torch_backend import TorchBackend
 
     return TorchBackend(module, device=device, precision=precision, compile=compile, sha256=sha)
 
 
 def _auto(module, sha, source, artifacts, precision, threads) -> Backend:
-    from export.manifest import ArtifactError
+    from csc_serve.export.manifest import ArtifactError
 
     reasons = []
     attempts = [
@@ -158,7 +158,7 @@ def available_backends() -> list[str]:
     names = []
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
         names.append("tensorrt")
-    from .onnxruntime_backend import available_providers
+    from csc_serve.backends.onnxruntime_backend import available_providers
 
     names += [f"onnxruntime-{p}" for p in reversed(available_providers())]
     return names + ["torch"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models import CSCConfig
+from csc_serve.models import CSCConfig
 
 
 class BackendUnavailable(RuntimeError):

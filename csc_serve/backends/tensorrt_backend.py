@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.manifest import ArtifactError, artifact_path, verify_manifest
-from export.tensorrt import (
+from csc_serve.export.manifest import ArtifactError, artifact_path, verify_manifest
+from csc_serve.export.tensorrt import (
     GRAPH_NAMES,
     PRECISIONS,
     Profile,
@@ -30,9 +30,9 @@ from export.tensorrt import (
     cuda_device,
     import_tensorrt,
 )
-from models import CSCConfig
+from csc_serve.models import CSCConfig
 
-from .base import Backend
+from csc_serve.backends.base import Backend
 
 
 def verify_plans(

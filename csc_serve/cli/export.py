@@ -11,9 +11,9 @@ def _export(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from csc_serve.backends import resolve_model
-    from export.graphs import GRAPHS
-    from export.onnx_export import export_onnx
-    from export.tensorrt import build_from_args, check_tensorrt_args
+    from csc_serve.export.graphs import GRAPHS
+    from csc_serve.export.onnx_export import export_onnx
+    from csc_serve.export.tensorrt import build_from_args, check_tensorrt_args
 
     check_tensorrt_args(args)  # a bad profile, or no TensorRT or GPU, fails before the export
 
@@ -41,8 +41,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def add_export(commands: argparse._SubParsersAction) -> None:
-    from export.onnx_export import OPSET
-    from export.tensorrt import add_tensorrt_arguments
+    from csc_serve.export.onnx_export import OPSET
+    from csc_serve.export.tensorrt import add_tensorrt_arguments
 
     p = commands.add_parser(
         "export",

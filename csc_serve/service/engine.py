@@ -2,9 +2,9 @@
 
 ``Engine`` answers ``encode``, ``decode``, ``reconstruct`` and ``denoise`` for one float32 ``(C, H, W)``
 image (or ``(K, h, w)`` codes) per call. Calls are coroutines: any number of them, from any event loop,
-wait on the batcher without holding a thread, and meet there in batches (``csc_serve.service_batches``).
-Images larger than ``tile_size^2`` pixels become overlapping tiles (``csc_serve.tiling``) batched like any
-other image. The engine knows nothing of HTTP; ``csc_serve.service`` decodes requests into these calls. Bad
+wait on the batcher without holding a thread, and meet there in batches (``csc_serve.service.batches``).
+Images larger than ``tile_size^2`` pixels become overlapping tiles (``csc_serve.service.tiling``) batched like any
+other image. The engine knows nothing of HTTP; ``csc_serve.service.api`` decodes requests into these calls. Bad
 input raises ``RequestError``. From synchronous code: ``asyncio.run(engine.reconstruct(image))``.
 
 Loading happens in a background thread (``start``): exporting graphs on first use and warming every call
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import Batcher, QueueFull
-from .model_store import resolve_source
-from .service_batches import Work, run_batch
-from .service_io import RequestError
-from .service_settings import ServeSettings
-from .tiling import TILE_TOLERANCE, can_tile, pad_to_stride, plan_tiles, receptive_margin
+from csc_serve.service.batching import Batcher, QueueFull
+from csc_serve.model_store import resolve_source
+from csc_serve.service.batches import Work, run_batch
+from csc_serve.service.payloads import RequestError
+from csc_serve.service.settings import ServeSettings
+from csc_serve.service.tiling import TILE_TOLERANCE, can_tile, pad_to_stride, plan_tiles, receptive_margin
 
 logger = logging.getLogger("csc_serve")
 
@@ -52,7 +52,7 @@ class ImageResult:
 
 class Engine:
     def __init__(self, settings: ServeSettings):
-        from models.serialization import read_config
+        from csc_serve.models.serialization import read_config
 
         self.settings = settings
         self.source = resolve_source(settings.model, settings.artifacts)  # fails fast on a bad reference
@@ -75,10 +75,10 @@ class Engine:
         return self
 
     def _load(self) -> None:
-        from models import load_pretrained
+        from csc_serve.models import load_pretrained
 
-        from .backends import load_backend
-        from .service_metrics import observe_batch
+        from csc_serve.backends import load_backend
+        from csc_serve.service.metrics import observe_batch
 
         try:
             self.model = load_pretrained(self.source.directory)
@@ -228,7 +228,7 @@ class Engine:
     def estimate_sigma(image: np.ndarray) -> float:
         import torch
 
-        from models import estimate_noise_sigma
+        from csc_serve.models import estimate_noise_sigma
 
         try:
             return float(estimate_noise_sigma(torch.from_numpy(image))[0])
@@ -278,7 +278,7 @@ class Engine:
 
 
 def _count(what: str, amount: int = 1) -> None:
-    from .service_metrics import metrics
+    from csc_serve.service.metrics import metrics
 
     m = metrics()
     (m.tiles if what == "tiles" else m.images.labels(endpoint=what)).inc(amount)

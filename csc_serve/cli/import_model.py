@@ -7,7 +7,7 @@ import sys
 
 
 def _import(args: argparse.Namespace) -> None:
-    from .model_store import import_model
+    from csc_serve.model_store import import_model
 
     def progress(step: str) -> None:
         print(f"csc import: {step}...", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def describe(engine) -> dict[str, Any]:
-    from export.manifest import library_versions
+    from csc_serve.export.manifest import library_versions
 
     backend = engine.backend
     manifest = getattr(backend, "manifest", None) or {}

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from models.serialization import atomic_write, commit_file, read_json_document
+from csc_serve.models.serialization import atomic_write, commit_file, read_json_document
 
 FORMAT = "csc-features"
 FORMAT_VERSION = 1

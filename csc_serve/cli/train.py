@@ -41,10 +41,10 @@ HELP_TRAIN = {
 def _train(args: argparse.Namespace) -> None:
     import torch
 
-    from models import CSCConfig
-    from training.presets import PRESETS
-    from training.run import train
-    from training.trainer import TrainConfig
+    from csc_serve.models import CSCConfig
+    from csc_serve.training.presets import PRESETS
+    from csc_serve.training.run import train
+    from csc_serve.training.trainer import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,7 +66,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
-    from training.presets import PRESETS
+    from csc_serve.training.presets import PRESETS
 
     p = commands.add_parser(
         "train",
@@ -85,7 +85,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     start.add_argument("--init", help="start from this trained model (directory or bundled name)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    from training.trainer import TrainConfig
+    from csc_serve.training.trainer import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("data", "out"):
@@ -99,9 +99,9 @@ def add_train(commands: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import torch
 
-    from models import load_pretrained
-    from training.data import list_images, load_image
-    from training.evaluate import evaluate_images
+    from csc_serve.models import load_pretrained
+    from csc_serve.training.data import list_images, load_image
+    from csc_serve.training.evaluate import evaluate_images
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,7 +115,7 @@ def _eval(args: argparse.Namespace) -> None:
     print(result.summary())
     if args.json:
         record = dataclasses.asdict(result) | {"model": str(args.model), "data": str(args.data), "seed": args.seed}
-        from models.serialization import atomic_write
+        from csc_serve.models.serialization import atomic_write
 
         text = json.dumps(record, indent=2)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .extract_bench import add_extract_arguments
-from .http_bench import add_http_arguments
+from csc_serve.bench.extract import add_extract_arguments
+from csc_serve.bench.http import add_http_arguments
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -24,14 +24,14 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 def _bench(args: argparse.Namespace) -> None:
     if args.http is not None:  # the HTTP service under load, not the backends
-        from .http_bench import run_from_args
+        from csc_serve.bench.http import run_from_args
 
         return run_from_args(args)
     if args.extract is not None:  # csc extract end to end, not the backends alone
-        from .extract_bench import run_from_args as run_extract_bench
+        from csc_serve.bench.extract import run_from_args as run_extract_bench
 
         return run_extract_bench(args)
-    from .bench import CALLS, BenchConfig, format_table, run_bench, write_report
+    from csc_serve.bench.backends import CALLS, BenchConfig, format_table, run_bench, write_report
 
     unknown = sorted(set(args.calls) - set(CALLS))
     if unknown:

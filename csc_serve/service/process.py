@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-SERVICE = "csc_serve.service:CSCService"
+SERVICE = "csc_serve.service.api:CSCService"
 
 
 def free_port() -> int:

@@ -3,7 +3,7 @@
 ``bentoml serve`` from the repository root (``bentofile.yaml``) serves the bundled model on the fastest
 backend here. Another model: ``CSC_MODEL=DIR_OR_TAG bentoml serve`` or ``bentoml serve --arg model=...``
 (a model directory, a bundled name, or a model-store tag from ``csc import``); every other setting is in
-``csc_serve.service_settings``. Files go up as ``multipart/form-data``; figures come back in ``X-CSC-*``
+``csc_serve.service.settings``. Files go up as ``multipart/form-data``; figures come back in ``X-CSC-*``
 response headers beside the image or codes. Requests from concurrent clients share batches.
 """
 
@@ -18,12 +18,12 @@ import bentoml
 from bentoml.validators import ContentType
 from pydantic import Field, WithJsonSchema
 
-from .model_store import store_reference
-from .service_guard import RequestGuard, use_cancelled_timeouts
-from .service_io import RequestError, npy_bytes, png_bytes, read_image
-from .service_metrics import metrics
-from .service_settings import DEFAULT_MODEL, ServeSettings
-from .sparse_codes import read_codes, to_sparse
+from csc_serve.model_store import store_reference
+from csc_serve.service.guard import RequestGuard, use_cancelled_timeouts
+from csc_serve.service.payloads import RequestError, npy_bytes, png_bytes, read_image
+from csc_serve.service.metrics import metrics
+from csc_serve.service.settings import DEFAULT_MODEL, ServeSettings
+from csc_serve.service.codes import read_codes, to_sparse
 
 ARGUMENTS = vars(bentoml.use_arguments())  # bentoml serve --arg name=value
 INLINE_BYTES = 1 << 17  # files and arrays up to this size are decoded and encoded on the event loop
@@ -69,7 +69,7 @@ class CSCService:
     model_ref = store_reference(ARGUMENTS.get("model") or os.environ.get("CSC_MODEL") or DEFAULT_MODEL)
 
     def __init__(self, settings: ServeSettings | None = None) -> None:
-        from .service_engine import Engine
+        from csc_serve.service.engine import Engine
 
         self.settings = settings or _settings_from_env()
         self.engine = Engine(self.settings).start(background=True)
@@ -160,7 +160,7 @@ class CSCService:
     async def metadata(self) -> Metadata:
         """The served model (config, weights sha256), backend, artifact hashes, library versions, serving
         limits, readiness and this worker's memory."""
-        from .service_metadata import describe
+        from csc_serve.service.metadata import describe
 
         return await asyncio.to_thread(describe, self.engine)
 

@@ -3,7 +3,7 @@
 ``run_extract(ExtractConfig(model, input, out))`` encodes every image under ``input`` (a folder tree, a
 glob such as ``photos/**/*.jpg``, or a text file listing one path per line) and writes the codes of one
 encoder stage (default the last), plus a pooled dense vector per image, as shards in ``out`` (format in
-``csc_serve.extract_shards``). ``load_features(out)`` returns ``{relative path: Features}``.
+``csc_serve.extract.shards``). ``load_features(out)`` returns ``{relative path: Features}``.
 
 How it is fast: images are decoded by a thread pool a few batches ahead of the encoder, across shard ends;
 a shard's images are grouped by size into batches (so nothing is padded), each encoded as soon as it is full
@@ -12,7 +12,7 @@ the codes into rows; a writer thread appends each batch's rows to its shard whil
 encoded, so memory follows the batch, not the shard. How it survives being killed: the sorted input list is
 cut into fixed shards, each written atomically; ``resume=True`` skips the shards already on disk and redoes
 the others exactly as an uninterrupted run would. Unreadable images are listed in ``errors.jsonl`` with the
-reason and the run goes on. ``engine="ray"`` runs the same shards on Ray Data (``csc_serve.extract_ray``).
+reason and the run goes on. ``engine="ray"`` runs the same shards on Ray Data (``csc_serve.extract.ray``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .extract_shards import (
+from csc_serve.extract.shards import (
     FORMAT, FORMAT_VERSION, MANIFEST_NAME, POOLING, Features, ShardWriter, finish, finished_shards, inputs_sha256,
     load_features, read_manifest, remove_partial_files, sparse_row, write_manifest,
 )
@@ -84,7 +84,7 @@ def list_inputs(source: str | os.PathLike) -> list[tuple[str, str]]:
     (blank lines and ``#`` comments skipped), relative ones taken from the file's folder; a listed file
     that does not exist is still listed, and ends in the errors file.
     """
-    from training.data import list_images
+    from csc_serve.training.data import list_images
 
     text = os.fspath(source)
     path = Path(text)
@@ -137,7 +137,7 @@ class StageEncoder:
     """
 
     def __init__(self, model: str, stage: int | None = None, backend: str = "auto", lmbda_scale: float = 1.0):
-        from .backends import load_backend, resolve_model
+        from csc_serve.backends import load_backend, resolve_model
 
         self.module, self.weights_sha256, _ = resolve_model(model)
         num_stages = len(self.module.config.stages)
@@ -170,7 +170,7 @@ class StageEncoder:
 
 def decode_image(path: str, channels: int, value_range: tuple[float, float]) -> np.ndarray | str:
     """The image as float32 ``(C, H, W)`` in the model's value range, or one line saying why it cannot be."""
-    from training.data import load_image
+    from csc_serve.training.data import load_image
 
     try:
         image = load_image(path, channels)  # (C, H, W) in [0, 1]
@@ -293,7 +293,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     """Extract features as ``cfg`` says; returns the final manifest plus timing (``images_per_second``
     counts the images encoded in this run over the time spent decoding, encoding and writing them)."""
     if cfg.engine == "ray":  # before anything is written
-        from .extract_ray import require_ray
+        from csc_serve.extract.ray import require_ray
 
         require_ray()
     pairs = list_inputs(cfg.input)
@@ -310,7 +310,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     start = time.perf_counter()
     with bar:
         if cfg.engine == "ray":
-            from .extract_ray import run_ray
+            from csc_serve.extract.ray import run_ray
 
             run_ray(cfg, shards, todo, bar)
         else:

@@ -38,7 +38,7 @@ class ServeSettings:
     token: str | None = None  # bearer token required on every POST when set
 
     def __post_init__(self) -> None:
-        from .backends import BACKEND_NAMES
+        from csc_serve.backends import BACKEND_NAMES
 
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError("model must be a bundled model name, a model directory or a model-store tag")

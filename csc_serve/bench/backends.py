@@ -40,7 +40,7 @@ class BenchConfig:
     threads: int | None = None
     data: str | None = None  # a folder of images to crop the inputs from (default: seeded synthetic images)
     artifacts: str | None = None
-    ablation: bool = False  # also time the target case one optimization at a time (csc_serve.ablation)
+    ablation: bool = False  # also time the target case one optimization at a time (csc_serve.bench.ablation)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,7 +65,7 @@ def bench_images(batch: int, size: int, channels: int, data: str | None, seed: i
     """``batch`` images of ``size`` x ``size`` in [0, 1]: crops of the images in ``data``, or smooth random ones."""
     rng = np.random.default_rng(seed)
     if data:
-        from training.data import list_images, load_image
+        from csc_serve.training.data import list_images, load_image
 
         paths = list_images(data)
         if not paths:
@@ -114,8 +114,8 @@ def linear_fit(pixels: list[int], seconds: list[float]) -> dict[str, float]:
 
 
 def _flops_table(artifact_dir: Path, config, batches, sizes) -> dict[tuple[str, int, int], int]:
-    from export.flops import conv_flops
-    from export.manifest import read_manifest
+    from csc_serve.export.flops import conv_flops
+    from csc_serve.export.manifest import read_manifest
 
     graphs = read_manifest(artifact_dir)["onnx"]["graphs"]
     s, c, k = config.total_stride, config.in_channels, config.code_channels
@@ -215,7 +215,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     scaling = _scaling(cfg, model, artifacts, best_name, config) if best_name and cfg.scaling_sizes else None
     ablation = None
     if cfg.ablation:
-        from .ablation import run_ablation
+        from csc_serve.bench.ablation import run_ablation
 
         log(f"ablation: encode, batch {max(cfg.batches)}, {min(cfg.sizes)}x{min(cfg.sizes)}")
         ablation = run_ablation(model, sha, max(cfg.batches), min(cfg.sizes), threads, peak, cfg.data,
@@ -300,7 +300,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:
-    from models.serialization import atomic_write
+    from csc_serve.models.serialization import atomic_write
 
     text = json.dumps(report, indent=2, default=float) + "\n"
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))

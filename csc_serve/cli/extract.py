@@ -14,7 +14,7 @@ plus a pooled vector per image (mean |code| of each atom), as Parquet shards in 
 
 INPUT is a folder (searched recursively), a glob in quotes ('photos/**/*.jpg'), or a text file with one
 image path per line. Paths in the output are relative to INPUT. Read the result in Python with
-csc_serve.extract.load_features(OUT), or with any Parquet reader.
+csc_serve.extract.run.load_features(OUT), or with any Parquet reader.
 
 Images are decoded by a thread pool ahead of the encoder and batched by size on the fastest backend here;
 each batch is written as it is done, so memory follows the batch, not the shard.
@@ -24,7 +24,7 @@ Data actors (a local instance, or the cluster given by --ray-address; install th
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from .extract import ExtractConfig, run_extract
+    from csc_serve.extract.run import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
         model=args.model, input=args.input, out=args.out, stage=args.stage, lmbda_scale=args.lmbda_scale,
@@ -51,8 +51,8 @@ def _positive_int(text: str) -> int:
 
 
 def add_extract(commands: argparse._SubParsersAction) -> None:
-    from .backends import BACKEND_NAMES
-    from .extract import ENGINES
+    from csc_serve.backends import BACKEND_NAMES
+    from csc_serve.extract.run import ENGINES
 
     p = commands.add_parser(
         "extract",

@@ -31,7 +31,7 @@ import zipfile
 
 import numpy as np
 
-from .service_io import RequestError, check_finite, read_npy
+from csc_serve.service.payloads import RequestError, check_finite, read_npy
 
 REQUIRED = ("shape", "indices", "values")
 OPTIONAL = ("image_size", "sparsity", "lmbda_scale")

@@ -44,7 +44,7 @@ class HttpBenchConfig:
 
 
 def run_http_bench(cfg: HttpBenchConfig, log=print) -> dict[str, Any]:
-    from .server_process import ServerProcess
+    from csc_serve.service.process import ServerProcess
 
     if cfg.url is not None:
         return _bench(cfg, cfg.url, log)
@@ -112,7 +112,7 @@ def _bench(cfg: HttpBenchConfig, url: str, log) -> dict[str, Any]:
 
 
 def _images(cfg: HttpBenchConfig, channels: int) -> np.ndarray:
-    from .bench import bench_images
+    from csc_serve.bench.backends import bench_images
 
     return bench_images(max(cfg.clients, 1), cfg.size, channels, cfg.data, seed=1)
 
@@ -121,7 +121,7 @@ class _RawBackend:
     """The server's backend, in this process, on the same images at the server's batch size."""
 
     def __init__(self, meta: dict, images: np.ndarray, batch: int, endpoint: str, log):
-        from .backends import load_backend
+        from csc_serve.backends import load_backend
 
         served = meta["backend"]
         self.name = {"onnxruntime": f"onnxruntime-{served['device']}"}.get(served["backend"], served["backend"])
@@ -135,7 +135,7 @@ class _RawBackend:
         self.batch, self.log, self.runs = batch, log, []
 
     def time(self, seconds: float) -> None:
-        from .bench import time_call
+        from csc_serve.bench.backends import time_call
 
         self.log(f"raw backend: {self.name}, {self.call.__name__}, batch {self.batch}, {seconds:.0f} s")
         self.runs.append(time_call(lambda: self.call(self.inputs, 1.0), seconds, 2)["median_s"])
@@ -154,7 +154,7 @@ def _model_here(model: dict) -> str:
     """The served model on this machine: its directory when the server is local, else its name or tag."""
     if Path(model["directory"]).is_dir():
         return model["directory"]
-    from .model_store import resolve_source
+    from csc_serve.model_store import resolve_source
 
     return str(resolve_source(model["tag"] or model["reference"]).directory)
 
@@ -279,7 +279,7 @@ def _auth() -> dict[str, str]:
 
 
 def _png(image: np.ndarray) -> bytes:
-    from .service_io import png_bytes
+    from csc_serve.service.payloads import png_bytes
 
     return png_bytes(image)
 
@@ -351,7 +351,7 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    from .bench import write_report
+    from csc_serve.bench.backends import write_report
 
     if args.clients < 1 or args.duration <= 0 or args.warmup < 0:
         raise ValueError("--clients must be >= 1, --duration > 0 and --warmup >= 0")

@@ -24,7 +24,7 @@ import numpy as np
 def _torch_variants(model, images, scale, threads) -> dict[str, Callable[[], Callable[[], Any]]]:
     import torch
 
-    from models import fista_form
+    from csc_serve.models import fista_form
 
     x, s = torch.from_numpy(images), torch.from_numpy(scale)
 
@@ -121,10 +121,10 @@ def _ort_variants(paths: dict[str, Path], images, scale, threads) -> dict[str, C
 
 def run_ablation(model, sha: str, batch: int, size: int, threads: int, peak: float, data: str | None,
                  min_time: float, min_repeats: int) -> list[dict[str, Any]]:
-    from csc_serve.bench import bench_images, time_call
-    from export.flops import conv_flops
-    from export.onnx_export import export_onnx
-    from models import fista_form
+    from csc_serve.bench.backends import bench_images, time_call
+    from csc_serve.export.flops import conv_flops
+    from csc_serve.export.onnx_export import export_onnx
+    from csc_serve.models import fista_form
 
     images = bench_images(batch, size, model.config.in_channels, data)
     scale = np.ones(batch, np.float32)
@@ -160,7 +160,7 @@ def _bfloat16_cost(model, images, data) -> list[dict[str, Any]]:
     """Reconstruction PSNR (and sigma-25 denoising PSNR, when the model is calibrated) in float32 and bfloat16."""
     import torch
 
-    from csc_serve.bench import psnr
+    from csc_serve.bench.backends import psnr
 
     x = torch.from_numpy(images)
     out = {}

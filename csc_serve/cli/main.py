@@ -6,12 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
-from .cli_bench import add_bench
-from .cli_export import add_export
-from .cli_extract import add_extract
-from .cli_import import add_import
-from .cli_train import add_eval, add_train
+from csc_serve import __version__
+from csc_serve.cli.bench import add_bench
+from csc_serve.cli.export import add_export
+from csc_serve.cli.extract import add_extract
+from csc_serve.cli.import_model import add_import
+from csc_serve.cli.train import add_eval, add_train
 
 DESCRIPTION = """\
 Train, export and serve convolutional sparse coding (CSC-CTRL) autoencoders.
@@ -21,8 +21,8 @@ bundled model. Run 'csc COMMAND --help' for each command's options."""
 
 
 def _viz(args: argparse.Namespace) -> None:
-    from models import load_pretrained
-    from training.figures import save_atom_figures
+    from csc_serve.models import load_pretrained
+    from csc_serve.training.figures import save_atom_figures
 
     model = load_pretrained(args.model)
     for path in save_atom_figures(model, args.out, scale=args.scale):
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input or a missing runtime, not a bug (their modules are loaded by then)."""
     errors: list[type[BaseException]] = [ValueError, OSError]
-    for module, name in (("csc_serve.backends.base", "BackendUnavailable"), ("export.onnx_export", "ExportError")):
+    for module, name in (("csc_serve.backends.base", "BackendUnavailable"), ("csc_serve.export.onnx_export", "ExportError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

@@ -2,7 +2,7 @@
 
 Each row of the dataset is one shard (its index and its images); ``map_batches`` hands one shard at a time
 to a ``ShardEncoder`` actor, which holds a backend for its whole life, decodes the shard's images with a few
-threads, encodes them exactly as the local engine does (``csc_serve.extract.encode_shard``) and writes the
+threads, encodes them exactly as the local engine does (``csc_serve.extract.encode.encode_shard``) and writes the
 shard atomically into the output directory, batch by batch. The driver only plans, counts and writes the
 manifest. So the output is identical to a local run's, and ``--resume`` works across engines.
 
@@ -24,7 +24,7 @@ class ShardEncoder:
 
     def __init__(self, model: str, stage: int | None, backend: str, lmbda_scale: float, batch: tuple[int, int],
                  pooled: bool, out: str, prefetch: int, decode_threads: int = 2):
-        from .extract import StageEncoder
+        from csc_serve.extract.run import StageEncoder
 
         self.encoder = StageEncoder(model, stage, backend, lmbda_scale)
         self.batch, self.pooled, self.out = tuple(batch), pooled, Path(out)
@@ -32,8 +32,8 @@ class ShardEncoder:
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="csc-decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .extract import decoded, encode_shard
-        from .extract_shards import ShardWriter
+        from csc_serve.extract.run import decoded, encode_shard
+        from csc_serve.extract.shards import ShardWriter
 
         config = self.encoder.config
         indices, rows, errors = [], [], []
@@ -61,7 +61,7 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        from .backends import BackendUnavailable
+        from csc_serve.backends import BackendUnavailable
 
         raise BackendUnavailable("the ray engine needs Ray Data: pip install 'csc-serve[ray]'") from None
     return ray

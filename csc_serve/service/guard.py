@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from python_multipart.multipart import parse_options_header
 
-from .service_settings import ServeSettings
+from csc_serve.service.settings import ServeSettings
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
@@ -225,7 +225,7 @@ def _rewrite(body: bytes) -> bytes:
 
 
 async def _reject(send: Send, status: int, reason: str, headers: Mapping[str, str] | None = None) -> None:
-    from .service_metrics import metrics
+    from csc_serve.service.metrics import metrics
 
     metrics().rejected.labels(status=str(status)).inc()
     body = json.dumps({"error": reason}).encode()

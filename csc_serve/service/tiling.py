@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models import CSCConfig
+from csc_serve.models import CSCConfig
 
 # Max abs difference between tiled and untiled results (images in [0, 1], codes of the same scale):
 # float32 reductions reordered by the convolution kernels at a different image size.

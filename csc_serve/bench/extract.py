@@ -27,8 +27,8 @@ TARGET = 0.8
 
 def run_extract_bench(model: str, source: str, backend: str = "auto", batch_size: int = 32, shard_size: int = 256,
                       repeats: int = 3, min_time: float = 1.0, log=print) -> dict[str, Any]:
-    from .bench import time_call
-    from .extract import (ExtractConfig, StageEncoder, decode_image, form_batches, list_inputs, run_extract,
+    from csc_serve.bench.backends import time_call
+    from csc_serve.extract.run import (ExtractConfig, StageEncoder, decode_image, form_batches, list_inputs, run_extract,
                           shards_of)
 
     if repeats < 1 or batch_size < 1 or shard_size < 1:
@@ -102,7 +102,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    from .bench import write_report
+    from csc_serve.bench.backends import write_report
 
     report = run_extract_bench(args.model, args.extract, args.extract_backend, args.extract_batch,
                                args.extract_shard, args.repeats, args.min_time)
