@@ -40,6 +40,7 @@ _EXPORTS = {
     "bundled_models": "csc_serve.models",
     "estimate_noise_sigma": "csc_serve.models",
     "load_pretrained": "csc_serve.models",
+    "psnr": "csc_serve.models",
     "save_pretrained": "csc_serve.models",
     "Backend": "csc_serve.backends",
     "BackendUnavailable": "csc_serve.backends",

@@ -36,10 +36,10 @@ PARITY_SCALES = (1.0, 3.0)
 
 
 class ExportError(RuntimeError):
-    """An exported graph that is invalid or does not match the torch model."""
+    """An export that cannot be made here, or an exported graph that is invalid or does not match the torch model."""
 
 
-# The form of the traced graphs (models.fista, models.layer: folded and rescaled FISTA). Cached graphs of another
+# The form of the traced graphs (models.fista: folded and rescaled FISTA). Cached graphs of another
 # revision are exported again.
 GRAPH_REVISION = 2
 

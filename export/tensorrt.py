@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from csc_serve.backends.base import BackendUnavailable
 from csc_serve.models.serialization import atomic_write, sha256_file
 
 from .manifest import ArtifactError, artifact_path, read_manifest, write_manifest
@@ -50,8 +49,9 @@ DEFAULT_BATCH = "1,4,16"
 DEFAULT_SIZE = "64x64,256x256,512x512"
 
 
-class TensorRTUnavailable(BackendUnavailable):
-    """TensorRT is not installed, or there is no CUDA GPU to build or run plans on."""
+class TensorRTUnavailable(ExportError):
+    """TensorRT is not installed, or there is no CUDA GPU to build or run plans on (the TensorRT backend
+    raises it as ``BackendUnavailable``)."""
 
 
 class TensorRTMismatch(ArtifactError):

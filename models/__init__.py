@@ -1,11 +1,14 @@
-"""The maths of CSC-CTRL: convolutional sparse coding layers, the multi-stage autoencoder, save and load."""
+"""The maths of CSC-CTRL: convolutional sparse coding layers, the multi-stage autoencoder, save and load, PSNR.
 
-from .autoencoder import CSCAutoencoder
+Image files are read by ``csc_serve.models.images`` (Pillow), imported where it is needed rather than here."""
+
+from .autoencoder import CSCAutoencoder, load_pretrained
 from .config import ConfigError, CSCConfig, StageConfig
 from .fista import fista_form, fista_momentum
 from .layer import CSCLayer
+from .metrics import psnr
 from .noise import add_gaussian_noise, estimate_noise_sigma
-from .serialization import ModelLoadError, bundled_models, load_pretrained, save_pretrained
+from .serialization import ModelLoadError, bundled_models, save_pretrained
 
 __all__ = [
     "CSCAutoencoder",
@@ -20,5 +23,6 @@ __all__ = [
     "fista_form",
     "fista_momentum",
     "load_pretrained",
+    "psnr",
     "save_pretrained",
 ]

@@ -10,9 +10,10 @@ from torch import nn
 
 from .calibration import interpolate_scale
 from .config import CSCConfig
-from .fista import _is_exporting
+from .fista import is_exporting, resolve_form
 from .layer import CSCLayer
 from .noise import estimate_noise_sigma
+from .serialization import check_weights, read_weights, save_pretrained
 
 # Pixels of shifted copies encoded at once by an eager shift-averaged reconstruct.
 SHIFT_PASS_PIXELS = 1 << 18
@@ -80,7 +81,7 @@ class CSCAutoencoder(nn.Module):
 
     # ----------------------------------------------------------------------------- shapes
     def _check_images(self, x: torch.Tensor) -> None:
-        if not _is_exporting():
+        if not is_exporting():
             c = self.config.in_channels
             if x.dim() != 4 or x.shape[1] != c:
                 raise ValueError(f"expected images of shape (B, {c}, H, W), got {tuple(x.shape)}")
@@ -102,18 +103,21 @@ class CSCAutoencoder(nn.Module):
         x: torch.Tensor,
         lmbda_scale: torch.Tensor | float | None = None,
         all_stages: bool = False,
+        form: str | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
-        """Last-stage codes ``(B, K_L, ceil(H/S), ceil(W/S))``, or with ``all_stages`` every stage's codes."""
+        """Last-stage codes ``(B, K_L, ceil(H/S), ceil(W/S))``, or with ``all_stages`` every stage's codes.
+        ``form``: the FISTA form (``csc_serve.models.fista``), by default ``current_form()``."""
+        form = resolve_form(form)  # read once, before any tensor work: see resolve_form
         z = self._pad(x) - self.input_mean.to(x.dtype)
         codes = []
         for stage in self.stages:
-            z = stage.encode(z, lmbda_scale)  # (B, K_l, H/s_1.../s_l, W/...)
+            z = stage.encode(z, lmbda_scale, form)  # (B, K_l, H/s_1.../s_l, W/...)
             codes.append(z)
         return codes if all_stages else z
 
     def decode(self, codes: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Images from last-stage codes: ``(B, K_L, h, w) -> (B, C, h*S, w*S)``, cropped to ``output_size``."""
-        if not _is_exporting():
+        if not is_exporting():
             k = self.config.code_channels
             if codes.dim() != 4 or codes.shape[1] != k:
                 raise ValueError(f"expected codes of shape (B, {k}, h, w), got {tuple(codes.shape)}")
@@ -125,17 +129,19 @@ class CSCAutoencoder(nn.Module):
             x = x[..., : output_size[0], : output_size[1]]
         return x
 
-    def reconstruct(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None,
+                    form: str | None = None) -> torch.Tensor:
         """``decode(encode(x))`` at the size of ``x``; with ``config.shift_average``, its mean over the
         ``S^2`` shifts of ``x`` (``S = total_stride``): as one batch of ``S^2 B`` images when traced, a few
-        shifts per batch (``SHIFT_PASS_PIXELS``) in eager mode."""
+        shifts per batch (``SHIFT_PASS_PIXELS``) in eager mode. ``form`` as for ``encode``."""
+        form = resolve_form(form)
         size = tuple(x.shape[-2:])
         s = self.config.total_stride
         if not self.config.shift_average or s == 1:
-            return self.decode(self.encode(x, lmbda_scale), output_size=size)
+            return self.decode(self.encode(x, lmbda_scale, form=form), output_size=size)
         self._check_images(x)
         shifts = [(dy, dx) for dy in range(s) for dx in range(s)]
-        scale, exporting = lmbda_scale, _is_exporting()
+        scale, exporting = lmbda_scale, is_exporting()
         per_sample = isinstance(scale, torch.Tensor) and scale.dim() == 1 and (exporting or scale.shape[0] > 1)
         if per_sample and not exporting and scale.shape[0] != x.shape[0]:
             expected, got = (x.shape[0],), tuple(scale.shape)
@@ -152,7 +158,7 @@ class CSCAutoencoder(nn.Module):
             # Shifting by (dy, dx) pads dy rows on top and s - dy below, so every copy has the same size.
             copies = torch.cat([F.pad(x, (dx, s - dx, dy, s - dy), mode="replicate") for dy, dx in part])
             # Copies are ordered shift by shift, each a whole batch.
-            out = self.decode(self.encode(copies, scale.repeat(len(part)) if per_sample else scale))
+            out = self.decode(self.encode(copies, scale.repeat(len(part)) if per_sample else scale, form=form))
             out = out.unflatten(0, (len(part), -1))  # (shifts, B, C, H', W')
             crops = torch.stack([out[i, ..., dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(part)]).sum(0)
             total = crops if total is None else total + crops
@@ -180,13 +186,20 @@ class CSCAutoencoder(nn.Module):
     # ----------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``; returns the weights' sha256."""
-        from .serialization import save_pretrained
-
         return save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, map_location: str = "cpu") -> CSCAutoencoder:
-        """Load a model directory, or a bundled model by name (``csc-ctrl-rgb``)."""
-        from .serialization import load_pretrained
+        """Load and verify a model directory, or a bundled model by name (``csc-ctrl-rgb``); raises
+        ``ModelLoadError`` on any fault (``csc_serve.models.serialization``)."""
+        config, tensors, weights = read_weights(name_or_path, map_location)
+        model = cls(config)
+        check_weights(tensors, model.state_dict(), weights)
+        model.load_state_dict(tensors, strict=True)
+        model.to(map_location)
+        return model.eval()
 
-        return load_pretrained(name_or_path, map_location=map_location)
+
+def load_pretrained(name_or_path: str | os.PathLike, map_location: str = "cpu") -> CSCAutoencoder:
+    """Load and verify a model directory (or bundled model name): ``CSCAutoencoder.from_pretrained``."""
+    return CSCAutoencoder.from_pretrained(name_or_path, map_location=map_location)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fista import SCALE_FLOOR, _is_exporting, current_form, fista_momentum
+from .fista import ConvLasso, fista_momentum, is_exporting, rescaled_form, rescaled_form_applies, resolve_form, solve
 
 PADDING_MODES = ("zeros", "circular")
 
@@ -55,7 +54,8 @@ class CSCLayer(nn.Module):
     noise, such as the smooth ones, learn small weights, the rest large ones. ``eta * D^T x`` is computed
     once; the momentum ``beta_k`` comes from the step index alone (``fista_momentum``); ``L`` is a buffer
     refreshed by ``update_step_size`` outside the forward pass, so the unrolled graph has no data-dependent
-    control flow.
+    control flow. The iteration itself, in its training, folded and rescaled forms, is
+    ``csc_serve.models.fista``; the layer holds the dictionary, the step size and the operators.
     """
 
     def __init__(
@@ -175,7 +175,7 @@ class CSCLayer(nn.Module):
 
         ``encode`` calls this, so a stale step can never make FISTA diverge; call it before tracing or saving.
         """
-        if not _is_exporting() and self._synced_with != self._dictionary_state():
+        if not is_exporting() and self._synced_with != self._dictionary_state():
             self.update_step_size()
         return float(self.lipschitz)
 
@@ -202,17 +202,17 @@ class CSCLayer(nn.Module):
         return self
 
     # ----------------------------------------------------------------------------- the linear operators
-    def _analysis(self, x: torch.Tensor, weight: torch.Tensor, padding_mode: str) -> torch.Tensor:
-        """``D^T x``: (B, C, H, W) -> (B, K, H/s, W/s)."""
+    def _analysis(self, x: torch.Tensor, weight: torch.Tensor, padding_mode: str | None = None) -> torch.Tensor:
+        """``D^T x``: (B, C, H, W) -> (B, K, H/s, W/s), with the layer's boundary unless ``padding_mode`` is given."""
         p = self.padding
-        if padding_mode == "zeros":
+        if (padding_mode or self.padding_mode) == "zeros":
             return F.conv2d(x, weight, stride=self.stride, padding=p)
         return F.conv2d(F.pad(x, (p, p, p, p), mode="circular"), weight, stride=self.stride)
 
-    def _synthesis(self, z: torch.Tensor, weight: torch.Tensor, padding_mode: str) -> torch.Tensor:
+    def _synthesis(self, z: torch.Tensor, weight: torch.Tensor, padding_mode: str | None = None) -> torch.Tensor:
         """``D z``: (B, K, H/s, W/s) -> (B, C, H, W), the exact adjoint of ``_analysis``."""
         p, s = self.padding, self.stride
-        if padding_mode == "zeros":
+        if (padding_mode or self.padding_mode) == "zeros":
             return F.conv_transpose2d(z, weight, stride=s, padding=p, output_padding=s - 1)
         y = F.conv_transpose2d(z, weight, stride=s, output_padding=s - 1)  # (B, C, H + 2p, W + 2p)
         return _fold_circular(_fold_circular(y, p, 2), p, 3)
@@ -223,19 +223,19 @@ class CSCLayer(nn.Module):
     def analysis(self, x: torch.Tensor) -> torch.Tensor:
         """The adjoint of ``decode``: ``D^T x``, (B, C, H, W) -> (B, K, H/s, W/s)."""
         self._check_image(x)
-        return self._analysis(x, self.dictionary, self.padding_mode)
+        return self._analysis(x, self.dictionary)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Synthesis ``D z``: (B, K, H/s, W/s) -> (B, C, H, W)."""
-        return self._synthesis(codes, self.dictionary, self.padding_mode)
+        return self._synthesis(codes, self.dictionary)
 
     def synthesize(self, codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Synthesis with an explicit dictionary ``weight`` (training holds one side of the game fixed)."""
-        return self._synthesis(codes, weight, self.padding_mode)
+        return self._synthesis(codes, weight)
 
     # ----------------------------------------------------------------------------- sparse coding
     def _check_image(self, x: torch.Tensor) -> None:
-        if _is_exporting():
+        if is_exporting():
             return
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
@@ -261,124 +261,41 @@ class CSCLayer(nn.Module):
     def _sample_scale(x: torch.Tensor, lmbda_scale: torch.Tensor | float) -> torch.Tensor:
         """``lmbda_scale`` as one value per sample, shape (B, 1, 1, 1)."""
         scale = torch.as_tensor(lmbda_scale, dtype=x.dtype, device=x.device)
-        if not _is_exporting() and (scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, x.shape[0]))):
+        if not is_exporting() and (scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, x.shape[0]))):
             raise ValueError(f"lmbda_scale must be a scalar or have shape ({x.shape[0]},), got {tuple(scale.shape)}")
         return scale.expand(x.shape[0]).reshape(-1, 1, 1, 1)
 
-    def _prox(self, v: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
-        if self.nonnegative:
-            return F.relu(v - thresh)
-        return F.relu(v - thresh) - F.relu(-v - thresh)
+    def _lasso(self) -> ConvLasso:
+        """This layer's operators and settings, as the FISTA forms take them (the step size as it is now)."""
+        return ConvLasso(
+            analysis=self._analysis,
+            synthesis=self._synthesis,
+            step_size=self.step_size,
+            momentum=self.momentum,
+            num_atoms=self.num_atoms,
+            mu=self.mu,
+            nonnegative=self.nonnegative,
+            pointwise=self.kernel_size == 1 and self.stride == 1,
+        )
 
-    def encode(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
-        """Sparse codes of ``x`` after ``num_steps`` FISTA steps: (B, C, H, W) -> (B, K, H/s, W/s)."""
+    def encode(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None,
+               form: str | None = None) -> torch.Tensor:
+        """Sparse codes of ``x`` after ``num_steps`` FISTA steps: (B, C, H, W) -> (B, K, H/s, W/s), in the FISTA
+        form ``form`` (default ``current_form()``; see ``csc_serve.models.fista``)."""
+        form = resolve_form(form)
         self._check_image(x)
-        if not _is_exporting():
+        if not is_exporting():
             self.ensure_step_size()
-        if self._rescaled_form_applies(x):
-            return self._encode_rescaled(x, lmbda_scale)
-        return self.fista(x, self.dictionary, self.threshold(x, lmbda_scale))
+        if rescaled_form_applies(x, self.lmbda_weights, form):
+            scale = None if lmbda_scale is None else self._sample_scale(x, lmbda_scale)  # (B, 1, 1, 1)
+            return rescaled_form(x, self.dictionary, self.lmbda_weights, self.lmbda, scale, self._lasso())
+        return self.fista(x, self.dictionary, self.threshold(x, lmbda_scale), form)
 
-    def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
-        """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, K, 1, 1)."""
-        if current_form() != "training":
-            return self._fista_inference(x, weight, thresh)
-        mode = self.padding_mode
-        eta = self.step_size.to(x.dtype)
-        shrink = 1.0 - eta * self.mu
-        b = eta * self._analysis(x, weight, mode)  # eta * D^T x, constant across steps
-        z = self._prox(b, thresh)  # step 1 starts from z_0 = y_1 = 0
-        z_prev = z
-        for beta in self.momentum[1:]:
-            y = z + beta * (z - z_prev) if beta else z
-            z_prev = z
-            z = self._prox(shrink * y - eta * self._gram(y, weight, mode) + b, thresh)
-        return z
-
-    def _fista_inference(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor | None,
-                         analysis: torch.Tensor | None = None, gram_scale: torch.Tensor | None = None,
-                         threshold: float | None = None) -> torch.Tensor:
-        """``fista`` as traced into inference graphs (ONNX, TensorRT, ``torch.compile``): the same iteration
-        with fewer passes over the code maps, which outnumber the image channels. The gradient step is
-        ``(1 - eta * mu) y + eta D^T (x - D y)``, with the residual formed on the input channels and ``eta``
-        folded into the analysis weights (a constant once exported); the soft threshold is
-        ``v - clip(v, -t, t)``; a 1x1 dictionary applies its Gram step as one matrix,
-        ``(1 - eta * mu) I - eta * D^T D``, plus ``eta D^T x``. Equal to ``fista`` up to float rounding (tested).
-
-        ``_encode_rescaled`` passes its own ``analysis`` weights, the per-atom ``gram_scale`` ``w`` (the 1x1
-        Gram step becomes ``diag(1/w) G diag(w)``) and one scalar ``threshold`` in place of ``thresh``."""
-        mode = self.padding_mode
-        eta = self.step_size.to(x.dtype)
-        shrink = 1.0 - eta * self.mu
-        scaled = eta * weight if analysis is None else analysis
-        b = self._analysis(x, scaled, mode)  # eta * D^T x, constant across steps
-        if self.kernel_size == 1 and self.stride == 1:
-            d = (weight if gram_scale is None else self.dictionary).to(x.dtype).flatten(1)  # (K, C): D itself
-            eye = torch.eye(self.num_atoms, dtype=x.dtype, device=x.device)
-            gram = shrink * eye - eta * (d @ d.t())  # (K, K)
-            if gram_scale is not None:
-                gram = gram * gram_scale.view(1, -1) / gram_scale.view(-1, 1)
-            gram_step = gram.view(self.num_atoms, self.num_atoms, 1, 1)
-
-            def gradient_step(y: torch.Tensor) -> torch.Tensor:
-                return F.conv2d(y, gram_step) + b
-        else:
-            keep = shrink if self.mu else None
-
-            def gradient_step(y: torch.Tensor) -> torch.Tensor:
-                start = y * keep if keep is not None else y
-                # eta D^T (x - D y): the subtraction happens on the C input channels, not the K code maps.
-                return self._analysis(x - self._synthesis(y, weight, mode), scaled, mode) + start
-
-        def prox(v: torch.Tensor) -> torch.Tensor:
-            if threshold is not None:  # a constant: one Clip node (ONNX Runtime's Shrink kernel is scalar code)
-                return F.relu(v - threshold) if self.nonnegative else v - v.clamp(-threshold, threshold)
-            if self.nonnegative:
-                return F.relu(v - thresh)
-            return v - torch.minimum(torch.maximum(v, -thresh), thresh)
-
-        z = prox(b)
-        z_prev = z
-        for beta in self.momentum[1:]:
-            y = z + beta * (z - z_prev) if beta else z
-            z_prev = z
-            z = prox(gradient_step(y))
-        return z
-
-    def _rescaled_form_applies(self, x: torch.Tensor) -> bool:
-        """The rescaled form: for an inference form outside ``torch.compile`` (which fuses the elementwise
-        passes itself), in float32 or bfloat16 (float16 cannot hold the rescaled input of small scales),
-        with penalty weights that all divide safely. Decided on constants, so a trace stays valid."""
-        if current_form() != "inference" or torch.compiler.is_compiling() or x.dtype == torch.float16:
-            return False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a property of the weights, not the data
-            w = self.lmbda_weights.detach()
-            return bool(w.min() > 1e-4 * w.max())
-
-    def _encode_rescaled(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None) -> torch.Tensor:
-        r"""``encode`` with one constant threshold: the soft threshold is ``v - clip(v, -t, t)``, two passes.
-
-        FISTA is positively homogeneous: every step is linear in ``(x, y)`` except the threshold, and
-        ``prox_{s t}(s v) = s prox_t(v)`` for ``s > 0``. So the codes at scale ``s`` are ``s`` times the codes
-        of ``x / s`` at scale 1. With ``u_k = z_k / w_k`` the per-atom weights move into the dictionary
-        (synthesis ``D diag(w)``, analysis ``diag(1/w) D^T``) and every atom shares the threshold
-        ``eta * lmbda``. Then ``z = s * w * u``. Equal to ``fista`` up to float rounding (tested).
-        """
-        w = self.lmbda_weights.to(x.dtype)
-        multiplier = w.view(1, -1, 1, 1)  # (1, K, 1, 1)
-        if lmbda_scale is not None:
-            scale = self._sample_scale(x, lmbda_scale).clamp(min=SCALE_FLOOR)  # (B, 1, 1, 1)
-            x = x / scale
-            multiplier = multiplier * scale  # (B, K, 1, 1)
-        eta = self.step_size.to(x.dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a constant of the exported graph
-            threshold = float(eta * self.lmbda)
-        synthesis = self.dictionary * w.view(-1, 1, 1, 1)  # D diag(w)
-        analysis = eta * self.dictionary / w.view(-1, 1, 1, 1)  # eta diag(1/w) D^T
-        u = self._fista_inference(x, synthesis, None, analysis=analysis, gram_scale=w, threshold=threshold)
-        return u * multiplier
+    def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor,
+              form: str | None = None) -> torch.Tensor:
+        """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, K, 1, 1): the
+        training form for ``form`` (default ``current_form()``) ``"training"``, else the folded form."""
+        return solve(x, weight, thresh, self._lasso(), form)
 
     def objective(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``0.5 ||x - D z||^2 + lmbda sum_k w_k ||z_k||_1 + mu/2 ||z||^2`` per sample, shape (B,)."""

@@ -3,6 +3,11 @@
 Writes are atomic (temporary file, then rename). Loading checks everything before it returns a model:
 readable JSON, a valid architecture, the weights' sha256, a well-formed safetensors file holding exactly
 the expected tensors with the expected shapes, and finite values. Nothing is ever unpickled.
+
+This module reads and writes architectures and tensors; it does not know the model class. The model is built
+from them where the class is defined: ``CSCAutoencoder.from_pretrained`` and ``load_pretrained`` in
+``csc_serve.models.autoencoder``. ``save_pretrained`` and ``weights_sha256`` take any model with a ``config``
+(``CSCConfig``), ``ensure_step_sizes()`` and ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -12,12 +17,12 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
-from .autoencoder import CSCAutoencoder
 from .config import ConfigError, CSCConfig
 
 CONFIG_NAME = "config.json"
@@ -29,6 +34,16 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 
 class ModelLoadError(ValueError):
     """A model directory that cannot be loaded; the message names the file at fault."""
+
+
+class SavableModel(Protocol):
+    """What saving needs of a model (``CSCAutoencoder`` has it)."""
+
+    config: CSCConfig
+
+    def ensure_step_sizes(self) -> list[float]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -88,19 +103,19 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     raise ModelLoadError(f"{name}: no such model directory or bundled model (bundled: {known})")
 
 
-def _weights(model: CSCAutoencoder) -> dict[str, torch.Tensor]:
+def _weights(model: SavableModel) -> dict[str, torch.Tensor]:
     model.ensure_step_sizes()  # the saved L must belong to the saved dictionaries
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
 
 
-def weights_sha256(model: CSCAutoencoder) -> str:
+def weights_sha256(model: SavableModel) -> str:
     """The sha256 ``save_pretrained`` would record for this model's weights, computed in memory."""
     from safetensors.torch import save
 
     return hashlib.sha256(save(_weights(model), metadata={"format": "pt"})).hexdigest()
 
 
-def save_pretrained(model: CSCAutoencoder, directory: str | os.PathLike) -> str:
+def save_pretrained(model: SavableModel, directory: str | os.PathLike) -> str:
     """Write the model's weights, then its config (which names the weights' sha256). Returns the hash."""
     from safetensors.torch import save_file
 
@@ -154,8 +169,11 @@ def read_config(directory: str | os.PathLike) -> tuple[CSCConfig, dict[str, Any]
     return config, document
 
 
-def load_pretrained(name_or_path: str | os.PathLike, map_location: str = "cpu") -> CSCAutoencoder:
-    """Load and verify a model directory (or bundled model name); raises ``ModelLoadError`` on any fault."""
+def read_weights(name_or_path: str | os.PathLike, map_location: str = "cpu"
+                 ) -> tuple[CSCConfig, dict[str, torch.Tensor], Path]:
+    """The architecture, the tensors and the weights file of a model directory (or bundled model name):
+    ``config.json`` validated, the weights' sha256 checked against it, the safetensors file read (nothing
+    unpickled). Raises ``ModelLoadError`` on any fault; ``check_weights`` then checks the tensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -174,13 +192,18 @@ def load_pretrained(name_or_path: str | os.PathLike, map_location: str = "cpu") 
         tensors = load_file(weights, device=str(map_location))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelLoadError(f"{weights}: not a readable safetensors file ({err})") from None
+    return config, tensors, weights
 
-    model = CSCAutoencoder(config)
-    expected = model.state_dict()
+
+def check_weights(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], weights: Path) -> None:
+    """``ModelLoadError`` naming the file ``weights`` unless ``tensors`` holds exactly the names and shapes of
+    ``expected`` (the state of a model built from the config), finite floats, positive step-size constants and
+    non-negative penalty weights."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ModelLoadError(f"{weights}: tensors do not match {CONFIG_NAME}: missing {missing}, unexpected {unexpected}")
+        raise ModelLoadError(f"{weights}: tensors do not match {CONFIG_NAME}: missing {missing}, "
+                             f"unexpected {unexpected}")
     for key, value in tensors.items():
         if value.shape != expected[key].shape:
             raise ModelLoadError(
@@ -194,6 +217,3 @@ def load_pretrained(name_or_path: str | os.PathLike, map_location: str = "cpu") 
     for key in (k for k in tensors if k.endswith("lmbda_weights")):
         if (tensors[key] < 0).any():
             raise ModelLoadError(f"{weights}: {key} must be non-negative")
-    model.load_state_dict(tensors, strict=True)
-    model.to(map_location)
-    return model.eval()

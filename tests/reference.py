@@ -64,7 +64,8 @@ def solve_lasso(a_mat, x, lmbda, mu=0.0, nonnegative=False, sweeps=20000, tol=1e
     support = np.abs(z) > 0
     if support.any():
         polished = np.zeros_like(z)
-        polished[support] = np.linalg.solve(gram[np.ix_(support, support)], corr[support] - lmbda[support] * np.sign(z[support]))
+        rhs = corr[support] - lmbda[support] * np.sign(z[support])
+        polished[support] = np.linalg.solve(gram[np.ix_(support, support)], rhs)
         if np.all(np.sign(polished[support]) == np.sign(z[support])):
             if lasso_objective(a_mat, x, polished, lmbda, mu) <= lasso_objective(a_mat, x, z, lmbda, mu):
                 z = polished

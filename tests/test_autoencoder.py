@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from csc_serve.models import CSCAutoencoder, ConfigError, CSCConfig, StageConfig, autoencoder
+from csc_serve.models import ConfigError, CSCAutoencoder, CSCConfig, StageConfig, autoencoder
 from tests.conftest import tiny_config
 
 

@@ -7,15 +7,19 @@ import pytest
 import torch
 from PIL import Image
 
-from csc_serve.bench.backends import BenchConfig, bench_images, format_table, linear_fit, run_bench
+from csc_serve.bench.backends import BenchConfig, format_table, run_bench
+from csc_serve.bench.timing import bench_images, linear_fit
 from csc_serve.cli.main import main
-from csc_serve.models import CSCAutoencoder
+from csc_serve.export.flops import config_flops, conv_flops
+from csc_serve.models import CSCAutoencoder, CSCConfig, StageConfig, fista_form, load_pretrained
 
 from .conftest import tiny_config
 
+CALLS = ("encode", "decode", "reconstruct")
+
 
 @pytest.fixture
-def model_dir(tmp_path, monkeypatch):
+def model_dir(tmp_path, monkeypatch, one_torch_thread):
     monkeypatch.setenv("CSC_CACHE_DIR", str(tmp_path / "cache"))
     torch.manual_seed(0)
     CSCAutoencoder(tiny_config()).eval().save_pretrained(tmp_path / "model")
@@ -53,6 +57,7 @@ def test_bench_times_every_backend_call_batch_and_size(model_dir):
     for r in rows:
         assert r["median_s"] > 0 and r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"])
         assert r["conv_gflop"] > 0 and r["gflops_per_s"] == pytest.approx(r["conv_gflop"] / r["median_s"])
+        assert r["flops_per_pixel"] == pytest.approx(1e9 * r["conv_gflop"] / (r["batch"] * r["size"] ** 2))
     # The same inputs for every backend: ONNX Runtime reconstructs what eager torch does.
     for r in rows:
         if r["call"] == "reconstruct" and r["backend"] == "onnxruntime-cpu":
@@ -64,8 +69,9 @@ def test_bench_times_every_backend_call_batch_and_size(model_dir):
     assert [p["size"] for p in report["scaling"]["points"]] == [16, 32, 48]
     assert report["summary"]["case"] == {"call": "encode", "batch": 2, "size": 16}
     assert report["summary"]["speedup_vs_eager"] > 0
+    assert set(report["flops_per_pixel"]) == set(CALLS)
     table = format_table(report)
-    assert "onnxruntime-cpu" in table and "matmul peak" in table and "log-log slope" in table
+    assert "onnxruntime-cpu" in table and "matmul peak" in table and "log-log slope" in table and "kFLOP/px" in table
 
 
 def test_csc_bench_prints_a_table_and_writes_json(model_dir, tmp_path, capsys):
@@ -110,3 +116,112 @@ def test_ablation_times_every_variant_on_the_same_case(model_dir):
     assert flops["torch eager, folded form"] == pytest.approx(flops["torch eager, inference form (folded + rescaled)"])
     cost = rows[-1]
     assert cost["variant"].startswith("precision cost") and cost["reconstruct_psnr_db_bfloat16"] > 0
+
+
+# ----------------------------------------------------------------------------- FLOPs counted from the config
+def _one_by_one(padding_mode: str = "zeros") -> CSCConfig:
+    """Both kinds of stage: a strided k x k, then a 1x1 whose Gram step is one matrix in the inference form."""
+    return CSCConfig(padding_mode=padding_mode, nonnegative=False,
+                     stages=(StageConfig(num_atoms=6, kernel_size=5, stride=2, num_steps=3),
+                             StageConfig(num_atoms=5, kernel_size=1, stride=1, num_steps=3)))
+
+
+def test_config_flops_match_the_onnx_graphs(tmp_path, one_torch_thread):
+    """Where ONNX shape inference gives concrete shapes, the graph's own count agrees. It does not through the
+    replicate (shift averaging) or circular pads the tracer writes: torch's counter checks those models below."""
+    from csc_serve.export.onnx_export import export_onnx
+
+    config = _one_by_one()
+    torch.manual_seed(0)
+    model = CSCAutoencoder(config).eval()
+    export_onnx(model, tmp_path / "inference", weights_sha256="0" * 64)
+    with fista_form("training"):
+        export_onnx(model, tmp_path / "training", weights_sha256="0" * 64, graphs=("encode",))
+    # 15 x 10 images are padded to 16 x 10 (the total stride, 2) before the graphs see them.
+    shapes = {"images": (2, 3, 16, 10), "lmbda_scale": (2,), "codes": (2, 5, 8, 5)}
+    for call in CALLS:
+        assert config_flops(config, call, 2, 15, 10) == conv_flops(tmp_path / "inference" / f"{call}.onnx", shapes)
+    training = config_flops(config, "encode", 2, 15, 10, form="training")
+    assert training == conv_flops(tmp_path / "training" / "encode.onnx", shapes)
+    assert training > config_flops(config, "encode", 2, 15, 10)  # the 1x1 Gram step as one matrix is cheaper
+
+
+def _torch_conv_flops(model, call, images, form) -> int:
+    """FLOPs of the convolutions eager torch runs for ``call`` (torch's own counter, 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), fista_form(form):
+        codes = model.encode(images)
+        with FlopCounterMode(display=False) as counter:
+            {"encode": lambda: model.encode(images), "decode": lambda: model.decode(codes),
+             "reconstruct": lambda: model.reconstruct(images)}[call]()
+    return sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
+
+
+@pytest.mark.parametrize("name", ["tiny", "one-by-one", "circular", "tiny-shift-averaged", "csc-ctrl-rgb"])
+def test_config_flops_count_the_convolutions_torch_runs(name, one_torch_thread):
+    """Shift-averaged models too (their ONNX reconstruct graph has no concrete inner shapes): torch's own
+    count of the convolutions it runs, in both forms, at a size off the stride grid."""
+    if name == "csc-ctrl-rgb":
+        model = load_pretrained(name)
+    else:
+        config = {"tiny": tiny_config(), "one-by-one": _one_by_one(), "circular": _one_by_one("circular"),
+                  "tiny-shift-averaged": tiny_config(shift_average=True)}[name]
+        torch.manual_seed(0)
+        model = CSCAutoencoder(config).eval()
+    images = torch.rand(2, 3, 9, 14, generator=torch.Generator().manual_seed(0))
+    for form in ("training", "inference"):
+        for call in CALLS:
+            expected = _torch_conv_flops(model, call, images, form)
+            assert config_flops(model.config, call, 2, 9, 14, form=form) == expected, (form, call)
+    s = model.config.total_stride
+    if model.config.shift_average:  # every shift: S^2 copies of (encode + decode) one stride larger
+        per_copy = (config_flops(model.config, "encode", 2, 9 + s, 14 + s)
+                    + config_flops(model.config, "decode", 2, 9 + s, 14 + s))
+        assert config_flops(model.config, "reconstruct", 2, 9, 14) == s * s * per_copy
+
+
+def test_config_flops_reject_unknown_calls_and_forms():
+    with pytest.raises(ValueError, match="unknown call"):
+        config_flops(tiny_config(), "denoise", 1, 8, 8)
+    with pytest.raises(ValueError, match="unknown form"):
+        config_flops(tiny_config(), "encode", 1, 8, 8, form="fast")
+
+
+# ----------------------------------------------------------------------------- csc bench on every model we ship
+@pytest.fixture
+def shift_averaged_dir(tmp_path, monkeypatch, one_torch_thread):
+    monkeypatch.setenv("CSC_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    CSCAutoencoder(tiny_config(shift_average=True)).eval().save_pretrained(tmp_path / "shift-averaged")
+    return tmp_path / "shift-averaged"
+
+
+@pytest.mark.parametrize("which", ["csc-ctrl-rgb", "shift-averaged"])
+def test_csc_bench_runs_every_call_on_shift_averaged_models(which, shift_averaged_dir, tmp_path, monkeypatch, capsys):
+    """The bundled model and a tiny shift-averaged one: every call, eager torch and ONNX Runtime, FLOPs per pixel."""
+    import csc_serve.bench.backends as backends
+
+    # The 2048^2 matmul peak takes seconds per measurement; the FLOP counts and the calls are what is tested here.
+    monkeypatch.setattr(backends, "matmul_peak", lambda threads: 100.0)
+    model = "csc-ctrl-rgb" if which == "csc-ctrl-rgb" else str(shift_averaged_dir)
+    out = tmp_path / "bench.json"
+    code = main(["bench", model, "--calls", ",".join(CALLS), "--batches", "1", "--sizes", "8", "--no-scaling",
+                 "--min-time", "0", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "kFLOP/px" in table and "error" not in table
+    report = json.loads(out.read_text())
+    config = load_pretrained(model).config
+    assert config.shift_average
+    rows = {(r["backend"], r["call"]): r for r in report["results"]}
+    assert set(rows) == {(b, c) for b in ("torch-eager", "onnxruntime-cpu") for c in CALLS}
+    for (_, call), row in rows.items():
+        assert row["flops_per_pixel"] == config_flops(config, call, 1, 8, 8) / 64
+        assert report["flops_per_pixel"][call]["8"] == row["flops_per_pixel"]
+    # Shift averaging runs encode and decode on S^2 copies, each one stride larger.
+    s = config.total_stride
+    assert rows[("torch-eager", "reconstruct")]["flops_per_pixel"] == pytest.approx(
+        s * s * (8 + s) ** 2 / 64 * (rows[("torch-eager", "encode")]["flops_per_pixel"]
+                                     + rows[("torch-eager", "decode")]["flops_per_pixel"]))
+    assert rows[("onnxruntime-cpu", "reconstruct")]["max_abs_diff_vs_eager"] < 1e-4

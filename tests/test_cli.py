@@ -20,7 +20,8 @@ def test_help_lists_the_commands():
 def test_viz_writes_one_png_per_stage_with_every_atom(tiny_model, tmp_path, capsys):
     tiny_model.save_pretrained(tmp_path / "m")
     assert main(["viz", str(tmp_path / "m"), "--out", str(tmp_path / "figs"), "--scale", "2"]) == 0
-    first, second = Image.open(tmp_path / "figs" / "atoms_stage1.png"), Image.open(tmp_path / "figs" / "atoms_stage2.png")
+    first = Image.open(tmp_path / "figs" / "atoms_stage1.png")
+    second = Image.open(tmp_path / "figs" / "atoms_stage2.png")
     assert first.mode == "RGB" and second.mode == "RGB"
     # 6 atoms of 5x5 on a 3x3 grid with 1-pixel gaps, scaled by 2; 8 atoms of 7x7 (receptive field) on 3x3.
     assert first.size == ((3 * 6 + 1) * 2, (2 * 6 + 1) * 2)

@@ -141,3 +141,25 @@ def test_split_is_seeded_disjoint_and_complete(folder):
     assert split_paths(folder, 0.4, seed=1) == (train, held)
     assert split_paths(folder, 0.0, seed=1) == (sorted(folder), [])
     assert len(split_paths(folder[:1], 0.9, seed=0)[0]) == 1  # never an empty training set
+
+
+def test_serving_reads_images_without_importing_training(tmp_path):
+    """Files and uploads are read by csc_serve.models.images; training.data re-exports it for training code."""
+    import subprocess
+    import sys
+
+    from csc_serve.models import images
+    from csc_serve.training import data
+
+    assert data.load_image is images.load_image and data.ImageReadError is images.ImageReadError
+    Image.fromarray(_rgb(6, 4)).save(tmp_path / "x.png")
+    code = (
+        "import io, sys\n"
+        "from csc_serve.service.payloads import read_image\n"
+        "import csc_serve.extract, csc_serve.bench.backends\n"
+        f"data = open({str(tmp_path / 'x.png')!r}, 'rb').read()\n"
+        "print(read_image(data, 1, 100).shape, 'csc_serve.training' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "(1, 6, 4) False"

@@ -14,6 +14,7 @@ from csc_serve.export import ArtifactError, ExportError, export_onnx, verify_man
 from csc_serve.export.flops import conv_flops
 from csc_serve.export.manifest import artifact_path, read_manifest
 from csc_serve.models import CSCAutoencoder, CSCLayer, StageConfig, fista_form
+from csc_serve.models.fista import rescaled_form_applies
 from csc_serve.models.serialization import weights_sha256
 
 from .conftest import tiny_config
@@ -65,7 +66,8 @@ def test_graphs_match_torch_at_new_sizes_and_per_sample_scales(overrides, tmp_pa
         np.testing.assert_allclose(out, ref.numpy(), atol=TOL, rtol=0)
     # The scales really act per sample: the same image at two scales gives different codes.
     same = images[:1].repeat(2, 1, 1, 1)
-    out = _session(tmp_path / "encode.onnx").run(None, {"images": same.numpy(), "lmbda_scale": np.array([1, 3], np.float32)})[0]
+    feeds = {"images": same.numpy(), "lmbda_scale": np.array([1, 3], np.float32)}
+    out = _session(tmp_path / "encode.onnx").run(None, feeds)[0]
     assert not np.allclose(out[0], out[1])
 
 
@@ -77,9 +79,10 @@ def test_inference_form_of_fista_equals_the_training_form(nonnegative, kernel_si
     x = torch.randn(2, 4, 12, 8, dtype=torch.float64)
     thresh = layer.threshold(x, torch.tensor([1.0, 2.5], dtype=torch.float64))
     layer.ensure_step_size()
-    reference = layer.fista(x, layer.dictionary, thresh)
+    reference = layer.fista(x, layer.dictionary, thresh, form="training")
     assert reference.abs().sum() > 0
-    torch.testing.assert_close(layer._fista_inference(x, layer.dictionary, thresh), reference, atol=1e-12, rtol=1e-12)
+    folded = layer.fista(x, layer.dictionary, thresh, form="folded")
+    torch.testing.assert_close(folded, reference, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("nonnegative", [True, False])
@@ -94,7 +97,7 @@ def test_rescaled_form_equals_the_training_form(nonnegative, kernel_size, stride
     with torch.no_grad():
         reference = layer.encode(x, scale)
         with fista_form("inference"):
-            assert layer._rescaled_form_applies(x)
+            assert rescaled_form_applies(x, layer.lmbda_weights)
             rescaled = layer.encode(x, scale)
             at_zero = layer.encode(x, torch.zeros(3, dtype=torch.float64))
         zero_reference = layer.encode(x, torch.zeros(3, dtype=torch.float64))
@@ -113,7 +116,7 @@ def test_rescaled_form_falls_back_where_a_penalty_weight_is_zero():
     with torch.no_grad():
         reference = layer.encode(x, 2.0)
         with fista_form("inference"):
-            assert not layer._rescaled_form_applies(x)
+            assert not rescaled_form_applies(x, layer.lmbda_weights)
             out = layer.encode(x, 2.0)
     torch.testing.assert_close(out, reference, atol=1e-12, rtol=1e-12)
     assert (out[:, 2] != 0).all()
@@ -121,8 +124,9 @@ def test_rescaled_form_falls_back_where_a_penalty_weight_is_zero():
 
 def test_one_self_contained_checker_clean_file_per_graph(tmp_path):
     manifest = _export(_model(), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.onnx", "encode.onnx", "manifest.json", "reconstruct.onnx"]
-    for name, entry in manifest["onnx"]["graphs"].items():
+    files = ["decode.onnx", "encode.onnx", "manifest.json", "reconstruct.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    for entry in manifest["onnx"]["graphs"].values():
         proto = onnx.load(str(tmp_path / entry["file"]))
         onnx.checker.check_model(proto, full_check=True)
         assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [manifest["onnx"]["opset"]]

@@ -12,7 +12,8 @@ import torch
 
 from csc_serve.backends import load_backend
 from csc_serve.cli.main import main
-from csc_serve.extract.run import ExtractConfig, list_inputs, load_features, run_extract
+from csc_serve.extract import ExtractConfig, load_features, run_extract
+from csc_serve.extract.run import list_inputs
 from csc_serve.extract.shards import FeatureFormatError
 from csc_serve.models import load_pretrained
 from csc_serve.training.data import load_image
@@ -101,7 +102,8 @@ def test_glob_and_list_inputs_give_paths_relative_to_the_input(tmp_path, model_d
         expected = names
     else:
         source = tmp_path / "list.txt"
-        listed = [str(tmp_path / "images" / names[0]), "# a comment", "", *[f"images/{n}" for n in names[1:4]], "images/missing.png"]
+        listed = [str(tmp_path / "images" / names[0]), "# a comment", "", *[f"images/{n}" for n in names[1:4]],
+                  "images/missing.png"]
         (tmp_path / "images").symlink_to(root)
         source.write_text("\n".join(listed) + "\n")
         expected = sorted([f"images/{names[0]}", *[f"images/{n}" for n in names[1:4]]])
@@ -110,7 +112,8 @@ def test_glob_and_list_inputs_give_paths_relative_to_the_input(tmp_path, model_d
     features = load_features(out)
     assert sorted(features) == expected
     for name in expected:  # the same image gives the same codes, whichever way it was named
-        np.testing.assert_allclose(features[name].dense(), reference[2][name.removeprefix("images/")].dense(), atol=1e-5)
+        same = reference[2][name.removeprefix("images/")].dense()
+        np.testing.assert_allclose(features[name].dense(), same, atol=1e-5)
     if form == "list":
         errors = (out / "errors.jsonl").read_text()
         assert "images/missing.png" in errors
@@ -231,4 +234,5 @@ def test_list_inputs_sorts_and_deduplicates(tmp_path, image_dir):
     listing = tmp_path / "list.txt"
     listing.write_text(f"{root / names[2]}\n{root / names[0]}\n{root / names[2]}\n")
     pairs = list_inputs(listing)
-    assert [p for _, p in pairs] == sorted({str(root / names[0]), str(root / names[2])}, key=lambda p: Path(p).as_posix())
+    expected = sorted({str(root / names[0]), str(root / names[2])}, key=lambda p: Path(p).as_posix())
+    assert [p for _, p in pairs] == expected

@@ -13,7 +13,8 @@ from PIL import Image
 
 from csc_serve.backends import load_backend
 from csc_serve.cli.main import main
-from csc_serve.extract.run import ExtractConfig, encode_shard, load_features, run_extract
+from csc_serve.extract import ExtractConfig, load_features, run_extract
+from csc_serve.extract.encode import encode_shard
 from csc_serve.extract.shards import sparse_row
 
 from .extract_fixtures import assert_same_features, make_images, save_tiny_model
@@ -117,7 +118,7 @@ def test_a_batch_also_ends_at_the_pixel_budget():
 
 
 def test_decoding_runs_ahead_by_pixels_not_only_by_images(tmp_path):
-    from csc_serve.extract.run import decoded
+    from csc_serve.extract.encode import decoded
 
     class CountingPool(ThreadPoolExecutor):
         def __init__(self):
@@ -142,7 +143,7 @@ def test_decoding_runs_ahead_by_pixels_not_only_by_images(tmp_path):
 
 
 def test_batches_in_flight_give_the_same_rows(model_dir, images):
-    from csc_serve.extract.run import StageEncoder
+    from csc_serve.extract.encode import StageEncoder
 
     encoder = StageEncoder(str(model_dir), None, "onnxruntime-cpu")
     items = [(f"img{i}.png", image) for i, image in enumerate(images)]
@@ -181,7 +182,7 @@ def test_shards_are_written_batch_by_batch_delta_packed_and_byte_split(tmp_path,
 
 def test_a_failure_inside_a_shard_leaves_neither_the_shard_nor_a_temporary_file(tmp_path, model_dir,
                                                                                  monkeypatch):
-    import csc_serve.extract as extract
+    import csc_serve.extract.encode as encode  # where the rows are made
 
     make_images(tmp_path / "in", count=6, bad=False)
     made = []
@@ -192,7 +193,7 @@ def test_a_failure_inside_a_shard_leaves_neither_the_shard_nor_a_temporary_file(
             raise OSError("disk full")
         return sparse_row(path, size, codes, pooled)
 
-    monkeypatch.setattr(extract, "sparse_row", failing)
+    monkeypatch.setattr(encode, "sparse_row", failing)
     cfg = ExtractConfig(str(model_dir), str(tmp_path / "in"), str(tmp_path / "out"), batch_size=1, shard_size=4,
                         progress=False)
     with pytest.raises(OSError, match="disk full"):
@@ -202,7 +203,7 @@ def test_a_failure_inside_a_shard_leaves_neither_the_shard_nor_a_temporary_file(
 
 def test_a_run_killed_while_it_finishes_resumes(tmp_path, model_dir, monkeypatch):
     """The manifest is rewritten last: a failure there leaves the shards, and --resume completes the run."""
-    import csc_serve.extract as extract
+    import csc_serve.extract.run as driver  # where the manifest is finished
 
     make_images(tmp_path / "in", count=5)
     cfg = ExtractConfig(str(model_dir), str(tmp_path / "in"), str(tmp_path / "out"), shard_size=2, progress=False)
@@ -212,7 +213,7 @@ def test_a_run_killed_while_it_finishes_resumes(tmp_path, model_dir, monkeypatch
     def killed(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(extract, "finish", killed)
+    monkeypatch.setattr(driver, "finish", killed)
     with pytest.raises(KeyboardInterrupt):
         run_extract(cfg)
     monkeypatch.undo()
@@ -247,3 +248,26 @@ def test_bench_extract_reports_both_rates_and_the_ratio(tmp_path, model_dir, cap
     assert report["ok"] == (report["ratio"] >= 0.8)
     out = capsys.readouterr().out
     assert "csc extract, end to end" in out and "ratio" in out
+
+
+def test_the_extract_modules_import_in_one_direction():
+    """encode is shared by the driver (run) and the Ray engine; neither imports the other back, and the driver
+    imports nothing above it (cli, bench)."""
+    import ast
+    from pathlib import Path
+
+    import csc_serve.extract as package
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((Path(package.__file__).parent / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        return found
+
+    assert not {m for m in imported("encode") if m.startswith("csc_serve.extract.") and m.endswith(("run", "ray"))}
+    assert "csc_serve.extract.run" not in imported("ray")
+    assert not {m for m in imported("run") if m.startswith(("csc_serve.cli", "csc_serve.bench"))}

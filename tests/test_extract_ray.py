@@ -1,7 +1,7 @@
 import pytest
 import ray
 
-from csc_serve.extract.run import ExtractConfig, load_features, run_extract
+from csc_serve.extract import ExtractConfig, load_features, run_extract
 
 from .extract_fixtures import assert_same_features, make_images, save_tiny_model
 
@@ -44,7 +44,8 @@ def test_ray_engine_resumes_a_local_run(tmp_path, local_ray):
     run(model, images, out)
     for shard in sorted(out.glob("part-*.parquet"))[1::2]:  # as if killed: half the shards missing
         shard.unlink()
-    (out / "manifest.json").write_text((out / "manifest.json").read_text().replace('"complete": true', '"complete": false'))
+    manifest = out / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
     report = run(model, images, out, engine="ray", resume=True)
     assert 0 < report["images_this_run"] < local["counts"]["images"]
     assert_same_features(load_features(out), load_features(tmp_path / "local"))

@@ -120,7 +120,8 @@ def test_per_atom_weights_give_the_optimum_of_the_weighted_lasso(nonnegative):
     reference = solve_lasso(a_mat, xv, weights, 0.0, nonnegative)
     best = lasso_objective(a_mat, xv, reference, weights)
     assert abs(lasso_objective(a_mat, xv, zv, weights) - best) <= 1e-6 * best
-    assert float(layer.objective(x, codes).detach()) == pytest.approx(lasso_objective(a_mat, xv, zv, weights), rel=1e-10)
+    expected = lasso_objective(a_mat, xv, zv, weights)
+    assert float(layer.objective(x, codes).detach()) == pytest.approx(expected, rel=1e-10)
 
 
 def test_few_steps_do_not_reach_the_optimum_and_more_steps_lower_the_objective():
@@ -251,3 +252,53 @@ def test_a_deep_copy_keeps_its_step_size_and_still_tracks_changes(monkeypatch):
     clone.ensure_step_size()
     assert calls == [clone]  # the copy's own dictionary changes are still seen
     assert float(layer.lipschitz) == pytest.approx(before)
+
+
+def test_a_forced_fista_form_holds_only_in_its_own_thread_and_asyncio_task():
+    import asyncio
+    import threading
+
+    from csc_serve.models.fista import current_form, fista_form
+
+    seen = {}
+    with torch.no_grad(), fista_form("training"):
+        def elsewhere():
+            with torch.no_grad():
+                seen["thread"] = current_form()
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        seen["here"] = current_form()
+    assert seen == {"here": "training", "thread": "inference"}
+
+    async def task(form):
+        with fista_form(form):
+            await asyncio.sleep(0)  # the other tasks set their own forms meanwhile
+            return current_form()
+
+    async def tasks():
+        return await asyncio.gather(task("training"), task("folded"), task(None), task("inference"))
+
+    with torch.no_grad():
+        assert asyncio.run(tasks()) == ["training", "folded", "inference", "inference"]
+        assert current_form() == "inference"
+
+
+@pytest.mark.parametrize("form", ["training", "folded", "inference"])
+def test_an_explicit_form_argument_is_the_form_fista_form_selects(form):
+    from csc_serve.models import CSCAutoencoder, fista_form
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = CSCAutoencoder(tiny_config(nonnegative=False))
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        with fista_form(form):
+            expected = model.reconstruct(x, 2.0), model.encode(x, 2.0)
+        other = "training" if form != "training" else "folded"
+        with fista_form(other):  # the argument wins over the context
+            assert torch.equal(model.reconstruct(x, 2.0, form=form), expected[0])
+            assert torch.equal(model.encode(x, 2.0, form=form), expected[1])
+    with pytest.raises(ValueError, match="form must be"):
+        model.encode(x, form="fast")

@@ -4,8 +4,7 @@ import pickle
 import pytest
 import torch
 
-from csc_serve.models import CSCAutoencoder, ModelLoadError, bundled_models, load_pretrained
-from csc_serve.models import serialization
+from csc_serve.models import CSCAutoencoder, ModelLoadError, bundled_models, load_pretrained, serialization
 from tests.conftest import tiny_config
 
 
@@ -47,6 +46,17 @@ def test_a_never_used_model_saves_its_real_step_sizes(tmp_path, images):
     used = CSCAutoencoder(tiny_config())
     assert [float(s.lipschitz) for s in loaded.stages] == used.update_step_sizes()
     assert torch.equal(loaded.encode(images), used.encode(images))
+
+
+def test_the_format_layer_reads_config_and_tensors_without_the_model_class(saved, tiny_model):
+    config, tensors, weights = serialization.read_weights(saved)
+    assert config == tiny_model.config and weights == saved / "model.safetensors"
+    expected = tiny_model.state_dict()
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+    serialization.check_weights(tensors, expected, weights)
+    del tensors[next(iter(expected))]
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: tensors do not match config\.json: missing"):
+        serialization.check_weights(tensors, expected, weights)
 
 
 def test_truncated_weights_are_refused_naming_the_file(saved):

@@ -3,7 +3,9 @@
 import asyncio
 import io
 import json
+import os
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -11,10 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from csc_serve.service.api import CSCService
-from csc_serve.service.engine import Engine
-from csc_serve.service.settings import ServeSettings
 from csc_serve.models import CSCAutoencoder
+from csc_serve.service.api import ROUTES, CSCService
+from csc_serve.service.bodies import Route, check_body
+from csc_serve.service.engine import Engine
+from csc_serve.service.metadata import HIDDEN, describe
+from csc_serve.service.settings import ServeSettings
 
 from .conftest import tiny_config
 
@@ -36,6 +40,31 @@ def png(height=24, width=30, seed=0) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
+
+
+def npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+def upload(route: str) -> dict:
+    """A valid file for ``route`` (tiny_config: 8 code maps)."""
+    if route == "/decode":
+        return {"codes": ("c.npy", npy(np.zeros((8, 6, 7), np.float32)))}
+    return {"image": ("a.png", png())}
+
+
+def strings(value):
+    """Every string in a JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
 
 
 # ----------------------------------------------------------------------------- direct calls
@@ -105,8 +134,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def test_readyz_is_false_until_the_model_is_warm_then_true(app):
     assert app.request("GET", "/livez").status_code == 200
     assert app.request("GET", "/readyz").status_code == 503
-    early = app.request("POST", "/reconstruct", files={"image": ("a.png", png())}, headers=AUTH)
-    assert early.status_code == 503 and "still loading" in early.json()["error"]
+    spec = app.request("GET", "/docs.json").json()
+    assert "503" in spec["paths"]["/readyz"]["get"]["responses"]
+    for route, kind in ROUTES.items():  # every endpoint that waits for the model says so, and documents it
+        early = app.request("POST", route, files=upload(route) if kind.files else None,
+                            json=None if kind.files else {}, headers=AUTH)
+        if kind.waits_for_model:
+            assert early.status_code == 503 and "still loading" in early.json()["error"], route
+            assert "503" in spec["paths"][route]["post"]["responses"], route
+        else:
+            assert early.status_code == 200 and early.json()["ready"] is False
     app.gate.set()
     for _ in range(600):
         if app.request("GET", "/readyz").status_code == 200:
@@ -128,14 +165,66 @@ def test_every_post_needs_the_bearer_token_when_one_is_set(app):
         assert app.request("GET", open_path).status_code == 200
 
 
-def test_metadata_names_the_model_backend_and_versions(app, model_dir):
+def test_metadata_names_the_model_backend_and_versions_but_no_path(app, model_dir):
     app.gate.set()
     meta = app.request("POST", "/metadata", json={}, headers=AUTH).json()
-    assert meta["model"]["directory"] == str(model_dir) and meta["model"]["kind"] == "directory"
+    assert meta["model"]["kind"] == "directory" and meta["model"]["directory"] == HIDDEN
+    assert meta["model"]["reference"] == HIDDEN and meta["settings"]["model"] == HIDDEN
     assert len(meta["model"]["weights_sha256"]) == 64 and meta["model"]["config"]["stages"][1]["stride"] == 2
     assert meta["backend"]["backend"] == "torch" and meta["settings"]["token"] == "set"
+    assert meta["settings"]["show_paths"] is False
     assert TOKEN not in json.dumps(meta)
     assert {"bentoml", "torch", "numpy"} <= set(meta["versions"]) and meta["process"]["rss_bytes"] > 0
+    text = json.dumps(meta)
+    assert str(model_dir) not in text and str(Path.home()) not in text and os.sep + "tmp" not in text
+    assert not [value for value in strings(meta) if value.startswith(("/", "~"))]
+
+
+def test_metadata_shows_paths_only_when_the_setting_is_on(model_dir):
+    service = CSCService.inner(ServeSettings(model=str(model_dir), backend="torch", show_paths=True))
+    try:
+        meta = asyncio.run(service.metadata())
+    finally:
+        service.close()
+    assert meta["model"]["directory"] == str(model_dir) and meta["settings"]["model"] == str(model_dir)
+    assert meta["settings"]["show_paths"] is True
+
+
+def _engine(show_paths: bool, home: Path):
+    """An engine served from a model directory given as a relative path, with ONNX artifacts in the cache under
+    the home directory, a skipped backend and a load error that both name files."""
+    from types import SimpleNamespace
+
+    from .conftest import tiny_config
+
+    cache = home / ".cache" / "csc-serve" / "75edbc16-4f1d2c9a"
+    backend = SimpleNamespace(
+        artifact_dir=cache, manifest={"onnx": {"graphs": {"encode": {"sha256": "2ef39b56"}}}},
+        skipped=[f"tensorrt: {cache}/plans: no GPU"],
+        describe=lambda: {"backend": "onnxruntime", "device": "cpu", "artifacts": str(cache)})
+    config = tiny_config(provenance={"command": "csc train --data ../data/bsd --out /srv/runs/s4 --iterations 9"})
+    settings = ServeSettings(model="models/mine", backend="onnxruntime", artifacts=str(cache), show_paths=show_paths)
+    return SimpleNamespace(
+        backend=backend, settings=settings, config=config, stride=2, margin=22, weights_sha256="ab" * 32,
+        ready=False, error=f"FileNotFoundError: [Errno 2] No such file or directory: '{cache}/decode.onnx'",
+        source=SimpleNamespace(reference="models/mine", kind="directory", tag=None,
+                               directory=Path("/srv/app/models/mine")))
+
+
+def test_metadata_hides_every_path_by_default(tmp_path):
+    hidden = describe(_engine(False, tmp_path))
+    text = json.dumps(hidden)
+    for path in (str(tmp_path), "/srv/", "../data", "models/mine"):
+        assert path not in text, path
+    assert hidden["artifacts"] == {"directory": HIDDEN, "onnx": {"encode": "2ef39b56"}}
+    assert hidden["backend"]["artifacts"] == HIDDEN and hidden["settings"]["artifacts"] == HIDDEN
+    assert hidden["backends_skipped"] == ["tensorrt: <hidden>/plans: no GPU"]
+    assert hidden["error"] == "FileNotFoundError: [Errno 2] No such file or directory: '<hidden>/decode.onnx'"
+    provenance = hidden["model"]["config"]["provenance"]["command"]
+    assert provenance == "csc train --data <hidden> --out <hidden> --iterations 9"
+    shown = describe(_engine(True, tmp_path))
+    assert shown["artifacts"]["directory"] == str(tmp_path / ".cache" / "csc-serve" / "75edbc16-4f1d2c9a")
+    assert shown["model"]["directory"] == "/srv/app/models/mine" and shown["settings"]["model"] == "models/mine"
 
 
 @pytest.mark.parametrize("kwargs,status,message", [
@@ -148,20 +237,117 @@ def test_metadata_names_the_model_backend_and_versions(app, model_dir):
     ({"files": {"image": ("a.png", png())}, "data": {"output": "gif"}}, 400, "output: Input should be"),
     ({"json": {"image": "http://127.0.0.1:9/x.png"}}, 415, "multipart/form-data"),
     ({"files": {"image": ("big.png", png(400, 400))}}, 413, "exceeds the cap of 200000 bytes"),
+    ({"content": b"--x\r\n\r\n--x--\r\n", "headers": {"Content-Type": "multipart/form-data"}}, 400,
+     "multipart body without a boundary"),
+    ({"content": b"--x\r\nContent-Disposition: form-data; name=image; filename=a.png\r\n\r\n\x89PNG",
+      "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400, "ends before its closing boundary"),
+    ({"content": b"junk", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400,
+     "malformed multipart body"),
+    ({"content": b"--x\r\nContent-Type: image/png\r\n\r\n\x89PNG\r\n--x--\r\n",
+      "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400, "a multipart part without a name"),
+    ({"files": {"image": ("a.png", png())}, "data": {"sigma": "[" * 100}}, 400, "field 'sigma' nests more"),
+    ({"files": {"image": ("a.png", png())}, "data": {"sigma": "9" * 5000}}, 400, "field 'sigma' is not a readable"),
+    ({"files": {"image": ("a.png", png())}, "headers": {"Content-Length": "12x"}}, 400, "is not a number of bytes"),
 ])
 def test_bad_requests_get_a_4xx_with_one_line(app, kwargs, status, message):
     app.gate.set()
-    answer = app.request("POST", "/denoise", headers=AUTH, **kwargs)
+    kwargs = {**kwargs, "headers": {**AUTH, **kwargs.get("headers", {})}}
+    answer = app.request("POST", "/denoise", **kwargs)
     assert answer.status_code == status
     error = answer.json()["error"]
     assert message in error and "\n" not in error
 
 
+MALFORMED = {  # what a fuzzer sends every route, and the status each must get
+    "multipart without a boundary": ({"Content-Type": "multipart/form-data"}, b"--x\r\n\r\nimage\r\n--x--", None),
+    "empty boundary": ({"Content-Type": "multipart/form-data; boundary="}, b"", None),
+    "broken multipart": ({"Content-Type": "multipart/form-data; boundary=x"}, b"--x\r\n\xff\xfe\r\n", None),
+    "text": ({"Content-Type": "text/plain"}, b"hello", 415),
+    "pickle": ({"Content-Type": "application/vnd.bentoml+pickle"}, b"\x80\x04N.", 415),
+    "form": ({"Content-Type": "application/x-www-form-urlencoded"}, b"image=http://127.0.0.1:9/x.png", 415),
+    "two content types": ({"Content-Type": "application/json, multipart/form-data"}, b"{}", 415),
+    "over the body cap": ({"Content-Type": "multipart/form-data; boundary=x"}, b"\0" * 200_001, 413),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_route_answers_malformed_bodies_with_a_documented_4xx(app, route, case):
+    app.gate.set()
+    headers, body, status = MALFORMED[case]
+    answer = app.request("POST", route, content=body, headers={**AUTH, **headers})
+    if status is None:  # a malformed multipart body: 400 where multipart is taken, 415 where it is not
+        status = 400 if ROUTES[route].files else 415
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/json" and set(answer.json()) == {"error"}
+    assert "\n" not in answer.json()["error"]
+    documented = app.request("GET", "/docs.json").json()["paths"][route]["post"]["responses"]
+    assert str(status) in documented
+
+
+def test_the_guard_checks_multipart_forms_as_starlette_parses_them():
+    route = Route(files=("image",))
+    form = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nPNG\r\n'
+    big = b'--x\r\nContent-Disposition: form-data; name="sigma"\r\n\r\n' + b"1" * (1 << 20) + b"1\r\n"
+    assert check_body("multipart/form-data; boundary=x", form + b"--x--\r\n", route) is None
+    assert check_body("multipart/form-data; boundary=x", form + big + b"--x--\r\n", route)[0] == 413
+    assert check_body("multipart/form-data; boundary=" + "b" * 300, form, route)[0] == 400
+    assert check_body("application/json", b"{}", Route()) is None and check_body("", b"", Route()) is None
+    assert check_body("multipart/form-data; boundary=x", form, Route())[0] == 415
+
+
+def test_error_answers_are_one_line_json_whatever_the_app_below_answers():
+    from csc_serve.service.guard import RequestGuard
+
+    async def below(scope, receive, send):
+        kind = scope["path"].strip("/")
+        if kind == "raises":
+            raise RuntimeError("boom at /srv/app/secret.py")
+        body, media = {"list": (b'[{"error": "not allowed"}]', b"application/json"),
+                       "text": (b"Internal  Server\nError", b"text/plain"),
+                       "path": (b'{"error": "cannot read /home/u/.cache/x/encode.onnx"}', b"application/json")}[kind]
+        await send({"type": "http.response.start", "status": 500 if kind != "list" else 415,
+                    "headers": [(b"content-type", media)]})
+        await send({"type": "http.response.body", "body": body})
+
+    guard = RequestGuard(below, settings=ServeSettings(), routes={})
+
+    async def call(path):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await guard({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"])[b"content-type"], json.loads(sent[1]["body"])
+
+    assert asyncio.run(call("/list")) == (415, b"application/json", {"error": "not allowed"})
+    assert asyncio.run(call("/text")) == (500, b"application/json", {"error": "Internal Server Error"})
+    assert asyncio.run(call("/path")) == (500, b"application/json", {"error": "cannot read <hidden>"})
+    status, _, body = asyncio.run(call("/raises"))
+    assert status == 500 and "boom" not in body["error"] and "srv" not in body["error"]
+
+
 def test_openapi_documents_every_endpoint_with_examples(app):
     spec = app.request("GET", "/docs.json").json()
-    for route in ("/encode", "/decode", "/reconstruct", "/denoise", "/metadata"):
+    assert set(ROUTES) == {api.route for api in CSCService.apis.values()}
+    for route, kind in ROUTES.items():
         assert route in spec["paths"], route
         assert spec["paths"][route]["post"]["description"]
+        answers = spec["paths"][route]["post"]["responses"]
+        expected = {"200", "400", "401", "408", "413", "415", "500", "504"}  # 401: this app runs with a token
+        expected |= {"503"} if kind.waits_for_model else set()
+        assert set(answers) == expected, route
+        for status in expected - {"200"}:
+            assert answers[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+        assert set(answers["200"]["content"]) == set(kind.answers), route
+        assert spec["paths"][route]["post"]["security"] == [{"bearer": []}]
+    assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
+    assert set(spec["paths"]["/decode"]["post"]["responses"]["200"]["content"]) == {"image/png",
+                                                                                   "application/octet-stream"}
     fields = spec["paths"]["/denoise"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert fields["properties"]["sigma"]["examples"] == [25.0] and fields["properties"]["sigma"]["maximum"] == 255
     assert "X-CSC-Sigma" in spec["paths"]["/denoise"]["post"]["description"]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from csc_serve.models import CSCAutoencoder
 from csc_serve.service.batching import Batcher, QueueFull
 from csc_serve.service.engine import Engine
 from csc_serve.service.payloads import RequestError
 from csc_serve.service.settings import ServeSettings
-from csc_serve.models import CSCAutoencoder
 
 from .conftest import tiny_config
 

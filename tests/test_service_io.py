@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csc_serve.service.payloads import RequestError, image_array, png_bytes, read_image, read_npy
 from csc_serve.service.codes import read_codes, to_sparse
+from csc_serve.service.payloads import RequestError, image_array, png_bytes, read_image, read_npy
 
 CAP = 1 << 20
 

@@ -36,3 +36,16 @@ def test_bad_settings_fail_with_one_clear_line(arguments, env, message):
     with pytest.raises(ValueError) as caught:
         ServeSettings.from_env(arguments, env=env)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_paths_stay_hidden_unless_the_setting_turns_them_on():
+    assert ServeSettings.from_env(env={}).show_paths is False
+    assert ServeSettings.from_env(env={}).public()["show_paths"] is False
+    for text, value in (("true", True), ("1", True), ("ON", True), ("yes", True), ("false", False), ("0", False),
+                        ("off", False), ("", False)):
+        assert ServeSettings.from_env(env={"CSC_SHOW_PATHS": text}).show_paths is value, text
+    assert ServeSettings.from_env({"show_paths": "true"}, env={}).show_paths is True
+    with pytest.raises(ValueError, match="CSC_SHOW_PATHS must be true or false"):
+        ServeSettings.from_env(env={"CSC_SHOW_PATHS": "maybe"})
+    with pytest.raises(ValueError, match="show_paths must be true or false"):
+        ServeSettings(show_paths="yes")

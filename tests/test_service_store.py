@@ -15,10 +15,10 @@ import torch
 import yaml
 from PIL import Image
 
-from csc_serve.service.process import ServerProcess
 from csc_serve.export import export_onnx
 from csc_serve.models import CSCAutoencoder
 from csc_serve.models.serialization import weights_sha256
+from csc_serve.service.process import ServerProcess
 
 from .conftest import tiny_config
 
@@ -95,7 +95,7 @@ def test_csc_import_refuses_bad_input_with_one_clear_line(home, tmp_path):
         assert message in last and "Traceback" not in result.stderr, result.stderr
 
 
-def test_the_store_model_is_served_by_tag_behind_the_token(server, tag, tmp_path):
+def test_the_store_model_is_served_by_tag_behind_the_token(home, server, tag, tmp_path):
     (tmp_path / "in.png").write_bytes(_png())
     files = {"image": ("in.png", _png())}
     assert httpx.post(server.url + "/reconstruct", files=files, timeout=30).status_code == 401
@@ -107,7 +107,12 @@ def test_the_store_model_is_served_by_tag_behind_the_token(server, tag, tmp_path
         denoised = client.denoise(image=tmp_path / "in.png", sigma=25.0)
     assert meta["model"]["kind"] == "store" and meta["model"]["tag"] == tag
     assert meta["backend"]["backend"] == "onnxruntime"
-    assert meta["artifacts"]["directory"].endswith("artifacts") and tag.split(":")[1] in meta["artifacts"]["directory"]
+    # served from the graphs stored with the model (paths are hidden from /metadata): nothing exported anew
+    root, _ = home
+    name, version = tag.split(":")
+    stored = json.loads((root / "bentoml" / "models" / name / version / "artifacts" / "manifest.json").read_text())
+    assert meta["artifacts"]["onnx"] == {graph: entry["sha256"] for graph, entry in stored["onnx"]["graphs"].items()}
+    assert not any((root / "cache").glob("*/manifest.json"))
     assert Image.open(denoised).size == (30, 20)
 
 

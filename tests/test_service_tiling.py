@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from csc_serve.models import CSCAutoencoder, load_pretrained
 from csc_serve.service.engine import Engine
 from csc_serve.service.settings import ServeSettings
 from csc_serve.service.tiling import TILE_TOLERANCE, plan_tiles, receptive_margin
-from csc_serve.models import CSCAutoencoder, load_pretrained
 
 from .conftest import tiny_config
 

@@ -21,8 +21,17 @@ from csc_serve.backends.base import BackendUnavailable
 from csc_serve.backends.tensorrt_backend import TensorRTBackend, check_in_profile, verify_plans
 from csc_serve.export.manifest import ArtifactError, read_manifest, write_manifest
 from csc_serve.export.tensorrt import (
-    INSTALL_HINT, Profile, TensorRTBuildError, TensorRTMismatch, add_tensorrt_arguments, build_from_args,
-    build_plans, check_tensorrt_args, input_shapes, parse_profile,
+    INSTALL_HINT,
+    Profile,
+    TensorRTBuildError,
+    TensorRTMismatch,
+    TensorRTUnavailable,
+    add_tensorrt_arguments,
+    build_from_args,
+    build_plans,
+    check_tensorrt_args,
+    input_shapes,
+    parse_profile,
 )
 from csc_serve.export.trt_ops import check_tensorrt_compatible, unsupported_ops
 from csc_serve.models import CSCAutoencoder, CSCConfig, StageConfig
@@ -300,7 +309,8 @@ def stand_in_tensorrt(parses: bool = True) -> MagicMock:
 @pytest.fixture
 def artifacts(exported, tmp_path, monkeypatch):
     """A copy of the zeros model's export, with this machine posing as an 8.9 GPU."""
-    monkeypatch.setattr("csc_serve.export.tensorrt.cuda_device", lambda: {"device": "NVIDIA L4", "compute_capability": "8.9"})
+    monkeypatch.setattr("csc_serve.export.tensorrt.cuda_device",
+                        lambda: {"device": "NVIDIA L4", "compute_capability": "8.9"})
     model, directory, manifest = exported("zeros")
     return model, shutil.copytree(directory, tmp_path / "artifacts"), manifest
 
@@ -345,10 +355,20 @@ def test_parser_errors_are_reported_and_nothing_is_written(artifacts, monkeypatc
 def test_backend_and_build_without_tensorrt_or_gpu_say_how_to_install(tmp_path):
     with pytest.raises(BackendUnavailable, match=re.escape(INSTALL_HINT)):
         TensorRTBackend(tiny_config(), SHA, fake_artifacts(tmp_path))
-    with pytest.raises(BackendUnavailable, match=re.escape(INSTALL_HINT)):
+    with pytest.raises(TensorRTUnavailable, match=re.escape(INSTALL_HINT)):
         build_plans(tmp_path)
-    with pytest.raises(BackendUnavailable, match=re.escape(INSTALL_HINT)):
+    with pytest.raises(TensorRTUnavailable, match=re.escape(INSTALL_HINT)):
         check_tensorrt_args(argparse.Namespace(tensorrt=True, trt_batch="1", trt_size="64"))
+
+
+@without_gpu
+def test_csc_export_tensorrt_without_tensorrt_or_gpu_is_one_line(tmp_path):
+    import subprocess
+
+    args = ["export", "csc-ctrl-rgb", "--out", str(tmp_path / "a"), "--tensorrt"]
+    result = subprocess.run([sys.executable, "-m", "csc_serve.cli", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and INSTALL_HINT in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "a").exists()  # refused before anything is exported
 
 
 def test_command_line_options(tmp_path):

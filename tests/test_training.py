@@ -78,7 +78,8 @@ def test_training_writes_model_metrics_checkpoint_and_figures(data_dir, tmp_path
 
 
 def test_training_raises_held_out_psnr_and_learns_penalty_weights(data_dir, tmp_path):
-    config = tiny_run(data_dir, tmp_path / "m", iterations=40, eval_every=2, checkpoint_every=40, rate_weight=0, lr=3e-3)
+    config = tiny_run(data_dir, tmp_path / "m", iterations=40, eval_every=2, checkpoint_every=40, rate_weight=0,
+                      lr=3e-3)
     out = train(config, PRESETS["tiny"], progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["holdout_psnr"] > records[0]["holdout_psnr"] + 1.0  # dB, well past step-to-step jitter

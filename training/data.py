@@ -1,9 +1,7 @@
-"""Image folders for training and evaluation, read with Pillow.
+"""Image folders for training and evaluation.
 
-Every image becomes a float32 array ``(C, H, W)`` in [0, 1] with the model's channel count: palette and
-alpha images are flattened (alpha composited onto white), 16-bit and 32-bit integer images are scaled by
-their own range, greyscale is replicated to RGB and RGB is converted to luma (ITU-R 601) for grey models.
-EXIF orientation is applied. A file that Pillow cannot decode raises ``ImageReadError`` naming the path.
+Files are read by ``csc_serve.models.images`` (re-exported here): float32 arrays ``(C, H, W)`` in [0, 1]
+with the model's channel count; a file that Pillow cannot decode raises ``ImageReadError`` naming the path.
 
 ``ImageFolderDataset`` yields random crops with random flips. The crop of item ``i`` in epoch ``e`` is drawn
 from ``numpy.random.default_rng([seed, e, i])``: the same seed gives the same crops on every run, on any
@@ -17,71 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from csc_serve.models.images import IMAGE_SUFFIXES, ImageReadError, list_images, load_image
 
 __all__ = ["IMAGE_SUFFIXES", "ImageReadError", "ImageFolderDataset", "list_images", "load_image", "split_paths"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-class ImageReadError(ValueError):
-    """An image file that could not be read or converted; the message starts with its path."""
-
-
-def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (by suffix, case-insensitive), sorted; an error if there are none."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory")
-    found = root.rglob("*") if recursive else root.iterdir()
-    paths = sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return paths
-
-
-def _to_float(image: Image.Image) -> np.ndarray:
-    """A decoded image as float32 (H, W) or (H, W, C) in [0, 1], whatever its mode."""
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("LA", "RGBA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    if image.mode == "1":
-        image = image.convert("L")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(image, dtype=np.float32) / 65535.0
-    if image.mode == "I":
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max(initial=0) > 255 else 255.0
-        return np.clip(array / top, 0, 1).astype(np.float32)
-    if image.mode == "F":
-        return np.clip(np.asarray(image, dtype=np.float32), 0, 1)
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV
-    return np.asarray(image, dtype=np.float32) / 255.0
-
-
-def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
-    """Read ``path`` as float32 ``(channels, H, W)`` in [0, 1]; ``channels`` is 1 (grey) or 3 (RGB)."""
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            array = _to_float(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: cannot read image ({exc})") from None
-    if array.ndim == 2:
-        array = array[None]
-    else:
-        array = array.transpose(2, 0, 1)
-    if array.shape[0] == channels:
-        return np.ascontiguousarray(array)
-    if channels == 3:
-        return np.ascontiguousarray(np.repeat(array, 3, axis=0))
-    luma = np.tensordot(np.array([0.299, 0.587, 0.114], dtype=np.float32), array, axes=1)
-    return np.ascontiguousarray(luma[None])
 
 
 def split_paths(paths: Sequence[Path], holdout_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:

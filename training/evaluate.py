@@ -1,8 +1,9 @@
 """Evaluation: mean PSNR and code sparsity of a model on a folder of images, for reconstruction or denoising.
 
 Noise follows the convention of the published tables: white Gaussian noise of std ``sigma / 255`` added in
-float to images in [0, 1], no clipping, no rounding; PSNR is measured against the clean image with the
-estimate clipped to [0, 1] (peak 1). The noise of image ``i`` comes from ``seed`` and ``i`` alone.
+float to images in [0, 1], no clipping, no rounding; PSNR (``csc_serve.models.psnr``) is measured per image
+against the clean image with the estimate clipped to [0, 1] (peak 1), then averaged over images. The noise of
+image ``i`` comes from ``seed`` and ``i`` alone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from csc_serve.models import CSCAutoencoder
+from csc_serve.models import CSCAutoencoder, psnr
 from csc_serve.models.noise import estimate_noise_sigma
 
 
@@ -34,12 +35,6 @@ class EvalResult:
         if self.sigma_estimates:
             line += f" (blind: mean estimated sigma {sum(self.sigma_estimates) / len(self.sigma_estimates):.2f})"
         return line
-
-
-def psnr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image for signals in [0, 1] (the estimate clipped to that range)."""
-    mse = (estimate.clamp(0, 1) - target).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp_min(1e-12))
 
 
 def noisy_copy(image: torch.Tensor, sigma: float, seed: int, index: int) -> torch.Tensor:
@@ -88,7 +83,7 @@ def evaluate_images(
             out = model.reconstruct(inp, scale)
         else:
             out = model.decode(codes, output_size=tuple(x.shape[-2:]))
-        scores.append(float(psnr(out, x)[0]))
+        scores.append(float(psnr(out, x, clip=True, per_image=True)[0]))
         zeros += int((codes == 0).sum())
         total += codes.numel()
     return EvalResult(
@@ -120,7 +115,8 @@ def refine_calibration(
         noisy = [torch.cat([noisy_copy(x[i : i + 1], sigma, seed, i) for i in range(len(x))]) for x in clean]
         best = (-math.inf, scale)
         for f in factors:
-            scores = [psnr(model.reconstruct(n, torch.full((len(n),), scale * f)), x) for n, x in zip(noisy, clean)]
+            scores = [psnr(model.reconstruct(n, torch.full((len(n),), scale * f)), x, clip=True, per_image=True)
+                      for n, x in zip(noisy, clean)]
             best = max(best, (float(torch.cat(scores).mean()), scale * f))
         knots[k] = (sigma, best[1])
     return tuple(knots)

@@ -31,7 +31,7 @@ from csc_serve.models.serialization import atomic_write, save_pretrained
 
 from .data import ImageFolderDataset, list_images, load_image, split_paths
 from .evaluate import evaluate_images, move_reconstruction_setting, refine_calibration, sparsest_reconstruction_scale
-from .trainer import Trainer, TrainConfig, _world, init_dictionaries
+from .trainer import TrainConfig, Trainer, _world, init_dictionaries
 
 CHECKPOINT = "checkpoint"
 

@@ -3,8 +3,9 @@ r"""The closed-loop (CTRL) training of a CSC autoencoder, with robust (noisy-inp
 Notation: ``f_D`` is the multi-stage CSC encoder (unrolled FISTA over the dictionaries ``D``), ``g_D`` the
 synthesis through the same dictionaries, ``s(sigma)`` the learned threshold scale for noise level
 ``sigma`` (a piecewise-linear map with knots ``phi``, ``s(0) = 1``), ``w`` the per-atom weights of every
-stage's l1 penalty (``CSCLayer.lmbda_weights``), and ``feat`` maps codes to unit-norm feature vectors. For a batch of clean crops ``x`` and noise levels ``sigma`` (a ``clean_fraction`` of them
-0, the rest uniform on ``[0, sigma_max]``, on the 0..255 scale):
+stage's l1 penalty (``CSCLayer.lmbda_weights``), and ``feat`` maps codes to unit-norm feature vectors. For a
+batch of clean crops ``x`` and noise levels ``sigma`` (a ``clean_fraction`` of them 0, the rest uniform on
+``[0, sigma_max]``, on the 0..255 scale):
 
     x~ = x + sigma/255 * n,   Z = f_D(x~, s(sigma)),   X^ = g_D(Z),   Z^ = f_D(X^, 1)
 
@@ -19,8 +20,8 @@ where ``R(Z) = 1/2 logdet(I + d/(n eps^2) Z^T Z)`` is the coding rate of the bat
 (``csc_serve.training.losses``; features are the unit-normalised last-stage codes of the first ``rate_batch``
 crops). The encoder expands the real features and separates them from their re-encoded reconstructions;
 the decoder makes the reconstructions indistinguishable in feature space. Both add the pixel term
-``w_pix * P(X^, x)`` with ``P = mean_i log(||X^_i - x_i||^2 / N)`` (N values per image) (clean targets, noisy inputs: robust
-training; the log gives every noise level the same weight). Each iteration is one move of
+``w_pix * P(X^, x)`` with ``P = mean_i log(||X^_i - x_i||^2 / N)`` (N values per image) (clean targets, noisy
+inputs: robust training; the log gives every noise level the same weight). Each iteration is one move of
 the game; by default both players move at once (simultaneous gradient play, one Adam step on)
 
     L = w_pix * P(g_D(f_D(x~)), x)  -  w_rate * (R(Z) + Delta R(Z, f_D(sg X^)))
@@ -37,7 +38,8 @@ iteration refreshes the FISTA step size. After the last step, ``recon_psnr > 0``
 setting: with ``c`` the largest scale whose held-out reconstruction PSNR stays at ``recon_psnr``, ``w <- c w`` and
 ``s(sigma) <- s(sigma) / c`` for ``sigma > 0``, so ``s(0) = 1`` is the sparsest reconstruction that meets the
 target and every denoising threshold ``lmbda w s(sigma)`` at the knots is unchanged (the line search of the
-calibration runs after this move). With several processes (``torchrun``), gradients are averaged across them before every update.
+calibration runs after this move). With several processes (``torchrun``), gradients are averaged across them
+before every update.
 """
 
 from __future__ import annotations
@@ -53,10 +55,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from csc_serve.models import CSCAutoencoder
+from csc_serve.models import CSCAutoencoder, psnr
 from csc_serve.models.calibration import interpolate_scale
 
-from .evaluate import psnr
 from .losses import binary_rate_reduction, coding_rate, flatten_features
 
 
@@ -334,5 +335,5 @@ class Trainer:
             self._update("decoder", loss_g)
         metrics["pixel_mse"] = pixel.item()
         metrics["zero_fraction"] = (z == 0).float().mean().item()
-        metrics["train_psnr"] = psnr(x_hat.detach(), x).mean().item()
+        metrics["train_psnr"] = psnr(x_hat.detach(), x, clip=True, per_image=True).mean().item()
         return metrics

@@ -4,7 +4,9 @@
 built for this GPU), then ONNX Runtime CUDA, then ONNX Runtime CPU, then torch. ONNX Runtime and TensorRT
 are imported only when asked for, so a CPU-only install without them still serves through torch.
 
-ONNX graphs come from ``artifacts`` (a ``csc export`` directory) or, when none is given, from a cache
+``model`` is anything ``csc_serve.model_store.resolve_model`` takes: a bundled name, a model directory, a
+BentoML model-store tag (``name:version``, ``name:latest``) or a ``CSCAutoencoder``. ONNX graphs come from
+``artifacts`` (a ``csc export`` directory), else from those a stored model carries, else from a cache
 directory keyed by the hashes of the weights and the config (``$CSC_CACHE_DIR``, default
 ``~/.cache/csc-serve``), exported there on first use. Either way the manifest must name the weights (and
 the config) being served.
@@ -15,23 +17,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from csc_serve.models import CSCAutoencoder, load_pretrained
-from csc_serve.models.serialization import read_config, resolve_model_dir, weights_sha256
-
 from csc_serve.backends.base import Backend, BackendUnavailable
+from csc_serve.model_store import ResolvedModel
+from csc_serve.model_store import resolve_model as _resolve
+from csc_serve.models import CSCAutoencoder
 
 BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch")
 
-__all__ = ["BACKEND_NAMES", "Backend", "BackendUnavailable", "available_backends", "load_backend", "resolve_model"]
-
-
-def resolve_model(model: str | os.PathLike | CSCAutoencoder) -> tuple[CSCAutoencoder, str, str]:
-    """The model, its weights' sha256 and a display name, from a directory, a bundled name or a module."""
-    if isinstance(model, CSCAutoencoder):
-        return model.eval(), weights_sha256(model), "in-memory model"
-    directory = resolve_model_dir(model)
-    _, document = read_config(directory)
-    return load_pretrained(directory), document["weights_sha256"], str(model)
+__all__ = ["BACKEND_NAMES", "Backend", "BackendUnavailable", "available_backends", "load_backend"]
 
 
 def cache_dir(sha256: str, config) -> Path:
@@ -83,7 +76,7 @@ def _tensorrt(model, sha, source, artifacts, precision):
 
 
 def load_backend(
-    model: str | os.PathLike | CSCAutoencoder,
+    model: str | os.PathLike | CSCAutoencoder | ResolvedModel,
     name: str = "auto",
     *,
     artifacts: str | os.PathLike | None = None,
@@ -92,7 +85,8 @@ def load_backend(
     threads: int | None = None,
     compile: bool = False,
 ) -> Backend:
-    """A backend serving ``model`` (directory, bundled name or ``CSCAutoencoder``).
+    """A backend serving ``model`` (bundled name, model directory, model-store tag, ``CSCAutoencoder``, or a
+    ``resolve_model`` result); ``artifacts`` defaults to those a stored model carries.
 
     ``name``: one of ``BACKEND_NAMES``. ``precision``: ``float32``, or ``float16`` (ONNX Runtime, TensorRT:
     the ``--fp16`` graphs) or ``bfloat16``/``float16`` (torch). ``device`` applies to torch (``cpu``,
@@ -100,7 +94,10 @@ def load_backend(
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
-    module, sha, source = resolve_model(model)
+    resolved = _resolve(model)
+    module, sha, source = resolved.module, resolved.weights_sha256, resolved.name
+    if artifacts is None:
+        artifacts = resolved.artifacts
     if name == "torch":
         import torch
 

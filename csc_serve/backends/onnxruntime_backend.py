@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from csc_serve.backends.base import Backend, BackendUnavailable
 from csc_serve.export.manifest import ArtifactError, artifact_path, verify_manifest
 from csc_serve.models import CSCConfig
-
-from csc_serve.backends.base import Backend, BackendUnavailable
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 CHUNK = 1  # images per worker call: one image's code maps stay in cache between the elementwise passes

@@ -21,18 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
+from csc_serve.backends.base import Backend, BackendUnavailable
 from csc_serve.export.manifest import ArtifactError, artifact_path, verify_manifest
 from csc_serve.export.tensorrt import (
     GRAPH_NAMES,
     PRECISIONS,
     Profile,
+    TensorRTUnavailable,
     check_tensorrt_section,
     cuda_device,
     import_tensorrt,
 )
 from csc_serve.models import CSCConfig
-
-from csc_serve.backends.base import Backend
 
 
 def verify_plans(
@@ -102,8 +102,11 @@ class TensorRTBackend(Backend):
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        trt = import_tensorrt()
-        gpu = cuda_device()
+        try:
+            trt = import_tensorrt()
+            gpu = cuda_device()
+        except TensorRTUnavailable as err:  # export's own error, in the backend contract's terms
+            raise BackendUnavailable(str(err)) from err
         import torch
 
         super().__init__(config, weights_sha256, "cuda")

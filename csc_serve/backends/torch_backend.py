@@ -7,10 +7,9 @@ import copy
 import numpy as np
 import torch
 
+from csc_serve.backends.base import Backend, BackendUnavailable
 from csc_serve.models import CSCAutoencoder
 from csc_serve.models.serialization import weights_sha256
-
-from csc_serve.backends.base import Backend, BackendUnavailable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -7,7 +7,7 @@ with per-sample, per-atom thresholds, the Gram step of a 1x1 stage as one matrix
 constant threshold: one Clip node); channels-last; ``torch.compile`` without and with freezing; bfloat16
 (with its PSNR cost). ONNX Runtime on graphs exported in each form, at each graph optimization level, with 1
 and all threads, with and without spinning threads, and batches split over one single-threaded session per
-core. GFLOP/s counts each variant's own convolutions.
+core. GFLOP/s counts each variant's own convolutions (``config_flops`` in the variant's form).
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ def _ort_variants(paths: dict[str, Path], images, scale, threads) -> dict[str, C
 
 def run_ablation(model, sha: str, batch: int, size: int, threads: int, peak: float, data: str | None,
                  min_time: float, min_repeats: int) -> list[dict[str, Any]]:
-    from csc_serve.bench.backends import bench_images, time_call
-    from csc_serve.export.flops import conv_flops
+    from csc_serve.bench.timing import bench_images, time_call
+    from csc_serve.export.flops import config_flops
     from csc_serve.export.onnx_export import export_onnx
     from csc_serve.models import fista_form
 
@@ -131,7 +131,6 @@ def run_ablation(model, sha: str, batch: int, size: int, threads: int, peak: flo
     s = model.config.total_stride
     aligned = s * -(-size // s)
     images = np.pad(images, ((0, 0), (0, 0), (0, aligned - size), (0, aligned - size)), mode="edge")
-    shapes = {"images": images.shape, "lmbda_scale": scale.shape}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths, flops = {}, {}
@@ -139,7 +138,7 @@ def run_ablation(model, sha: str, batch: int, size: int, threads: int, peak: flo
             with fista_form(form):
                 export_onnx(model, Path(tmp) / form, weights_sha256=sha, graphs=("encode", "reconstruct"))
             paths[form] = Path(tmp) / form / "encode.onnx"
-            flops[form] = conv_flops(paths[form], shapes)
+            flops[form] = config_flops(model.config, "encode", batch, aligned, aligned, form)
         variants = {**_torch_variants(model, images, scale, threads), **_ort_variants(paths, images, scale, threads)}
         for name, setup in variants.items():
             call = setup()
@@ -160,7 +159,7 @@ def _bfloat16_cost(model, images, data) -> list[dict[str, Any]]:
     """Reconstruction PSNR (and sigma-25 denoising PSNR, when the model is calibrated) in float32 and bfloat16."""
     import torch
 
-    from csc_serve.bench.backends import psnr
+    from csc_serve.models import psnr
 
     x = torch.from_numpy(images)
     out = {}

@@ -1,8 +1,9 @@
 """``csc bench``: every available backend against eager PyTorch, on the same inputs, in one run.
 
 For each backend, call (encode, decode, reconstruct), batch size and image size: median latency and
-images/s, the convolution FLOPs of the unrolled graph (counted on the exported ONNX graph) and the GFLOP/s
-achieved, set against this machine's float32 matmul peak measured in the same run. Then the time of one
+images/s, the convolution FLOPs the call runs (counted from the model config by
+``csc_serve.export.flops.config_flops``: per pixel of the images, and in all) and the GFLOP/s achieved, set
+against this machine's float32 matmul peak measured in the same run. Then the time of one
 encode against pixel count up to 1024x1024 with a least-squares fit ``t = a + b * pixels`` (linear cost
 means ``a`` small, R^2 near 1, log-log slope near 1). Reconstruction PSNR per backend shows what reduced
 precision costs. Prints a table; writes everything as JSON.
@@ -10,15 +11,15 @@ precision costs. Prints a table; writes everything as JSON.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from csc_serve.bench.timing import bench_images, linear_fit, matmul_peak, time_call
+from csc_serve.models import psnr
 
 CALLS = ("encode", "decode", "reconstruct")
 BENCH_BACKENDS = (
@@ -44,91 +45,12 @@ class BenchConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
-    """Best float32 GFLOP/s of a square matmul (MKL/oneDNN through torch) with ``threads`` threads."""
-    import torch
+def _flops_table(config, calls, batches, sizes) -> dict[tuple[str, int, int], int]:
+    """Convolution FLOPs of each timed case, counted from the config (every backend runs the inference form)."""
+    from csc_serve.export.flops import config_flops
 
-    torch.set_num_threads(threads)
-    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
-    b = torch.randn(size, size, generator=torch.Generator().manual_seed(1))
-    for _ in range(2):
-        a @ b
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
-def bench_images(batch: int, size: int, channels: int, data: str | None, seed: int = 0) -> np.ndarray:
-    """``batch`` images of ``size`` x ``size`` in [0, 1]: crops of the images in ``data``, or smooth random ones."""
-    rng = np.random.default_rng(seed)
-    if data:
-        from csc_serve.training.data import list_images, load_image
-
-        paths = list_images(data)
-        if not paths:
-            raise ValueError(f"{data}: no images")
-        out = []
-        for i in range(batch):
-            image = load_image(paths[i % len(paths)], channels)  # (C, H, W) float32
-            reps = (1, -(-size // image.shape[1]), -(-size // image.shape[2]))
-            image = np.tile(image, reps)
-            y = rng.integers(0, image.shape[1] - size + 1)
-            x = rng.integers(0, image.shape[2] - size + 1)
-            out.append(image[:, y : y + size, x : x + size])
-        return np.ascontiguousarray(np.stack(out), dtype=np.float32)
-    noise = rng.random((batch, channels, size // 8 + 2, size // 8 + 2), dtype=np.float32)
-    up = noise.repeat(8, axis=2).repeat(8, axis=3)[:, :, :size, :size]  # blocky
-    return np.clip(up + 0.05 * rng.standard_normal(up.shape, dtype=np.float32), 0, 1).astype(np.float32)
-
-
-def time_call(fn: Callable[[], Any], min_time: float, min_repeats: int) -> dict[str, float]:
-    start = time.perf_counter()
-    fn()  # warm-up: allocations, lazy initialisation, compilation
-    warmup = time.perf_counter() - start
-    # A call that takes many times min_time is timed once: its own length averages out the noise.
-    needed = 1 if warmup > 5 * max(min_time, 1e-3) else min_repeats
-    times: list[float] = []
-    while len(times) < needed or sum(times) < min_time:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median_s": float(np.median(times)), "min_s": float(min(times)), "repeats": len(times)}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def linear_fit(pixels: list[int], seconds: list[float]) -> dict[str, float]:
-    """Least squares ``t = a + b * pixels``, its R^2, and the slope of ``log t`` against ``log pixels``."""
-    x, y = np.asarray(pixels, float), np.asarray(seconds, float)
-    b, a = np.polyfit(x, y, 1)
-    residual = y - (a + b * x)
-    r2 = 1 - float(residual @ residual) / float(((y - y.mean()) ** 2).sum())
-    slope = float(np.polyfit(np.log(x), np.log(y), 1)[0])
-    return {"intercept_s": float(a), "seconds_per_megapixel": float(b * 1e6), "r2": r2, "loglog_slope": slope}
-
-
-def _flops_table(artifact_dir: Path, config, batches, sizes) -> dict[tuple[str, int, int], int]:
-    from csc_serve.export.flops import conv_flops
-    from csc_serve.export.manifest import read_manifest
-
-    graphs = read_manifest(artifact_dir)["onnx"]["graphs"]
-    s, c, k = config.total_stride, config.in_channels, config.code_channels
-    table = {}
-    for call in CALLS:
-        path = artifact_dir / graphs[call]["file"]
-        for batch in batches:
-            for size in sizes:
-                aligned = s * -(-size // s)
-                shapes = {"images": (batch, c, aligned, aligned), "lmbda_scale": (batch,),
-                          "codes": (batch, k, aligned // s, aligned // s)}
-                table[(call, batch, size)] = conv_flops(path, shapes)
-    return table
+    return {(call, batch, size): config_flops(config, call, batch, size, size)
+            for call in calls for batch in batches for size in sizes}
 
 
 def _backends(cfg: BenchConfig, model, sha, source, artifacts) -> dict[str, Callable[[], Any]]:
@@ -161,20 +83,22 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     import torch
     from tqdm import tqdm
 
-    from csc_serve.backends import BackendUnavailable, onnx_artifacts, resolve_model
+    from csc_serve.backends import BackendUnavailable, onnx_artifacts
     from csc_serve.backends.onnxruntime_backend import usable_cores
+    from csc_serve.model_store import resolve_model
 
     unknown = sorted(set(cfg.backends) - set(BENCH_BACKENDS))
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(BENCH_BACKENDS)}")
     threads = cfg.threads or usable_cores()
     torch.set_num_threads(threads)
-    model, sha, source = resolve_model(cfg.model)
+    resolved = resolve_model(cfg.model)
+    model, sha, source = resolved.module, resolved.weights_sha256, resolved.name
     config = model.config
-    artifacts = onnx_artifacts(model, sha, source, cfg.artifacts)
+    artifacts = onnx_artifacts(model, sha, source, cfg.artifacts or resolved.artifacts)
     peak = matmul_peak(threads)
     log(f"float32 matmul peak: {peak:.1f} GFLOP/s ({threads} threads)")
-    flops = _flops_table(artifacts, config, cfg.batches, cfg.sizes)
+    flops = _flops_table(config, cfg.calls, cfg.batches, cfg.sizes)
     inputs = {(b, s): bench_images(b, s, config.in_channels, cfg.data) for b in cfg.batches for s in cfg.sizes}
     results: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
@@ -196,7 +120,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             timing = time_call(fn, cfg.min_time, cfg.min_repeats)
             row = {"backend": name, "call": call, "batch": batch, "size": size, **timing,
                    "images_per_s": batch / timing["median_s"], "latency_ms": 1e3 * timing["median_s"],
-                   "conv_gflop": flops[(call, batch, size)] / 1e9}
+                   "conv_gflop": flops[(call, batch, size)] / 1e9,
+                   "flops_per_pixel": flops[(call, batch, size)] / (batch * size * size)}
             row["gflops_per_s"] = row["conv_gflop"] / timing["median_s"]
             if call == "reconstruct":
                 out = backend.reconstruct(images)
@@ -229,6 +154,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         "skipped": skipped,
         "scaling": scaling,
         "ablation": ablation,
+        "flops_per_pixel": {call: {str(size): flops[(call, cfg.batches[0], size)] / (cfg.batches[0] * size * size)
+                                   for size in cfg.sizes} for call in cfg.calls},
         "summary": _summary(results, cfg, peak),
     }
 
@@ -261,13 +188,15 @@ def _summary(results: list[dict], cfg: BenchConfig, peak: float) -> dict[str, An
 
 
 def format_table(report: dict[str, Any]) -> str:
-    head = f"{'backend':<20} {'call':<12} {'batch':>5} {'size':>5} {'ms':>10} {'img/s':>9} {'GFLOP/s':>8} {'%peak':>6} {'PSNR':>6}"
+    head = (f"{'backend':<20} {'call':<12} {'batch':>5} {'size':>5} {'ms':>10} {'img/s':>9} {'kFLOP/px':>9} "
+            f"{'GFLOP/s':>8} {'%peak':>6} {'PSNR':>6}")
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         psnr_text = f"{r['psnr_db']:6.2f}" if "psnr_db" in r else ""
         lines.append(
             f"{r['backend']:<20} {r['call']:<12} {r['batch']:>5} {r['size']:>5} {r['latency_ms']:>10.2f} "
-            f"{r['images_per_s']:>9.1f} {r['gflops_per_s']:>8.1f} {100 * r['fraction_of_peak']:>5.1f}% {psnr_text:>6}"
+            f"{r['images_per_s']:>9.1f} {r['flops_per_pixel'] / 1e3:>9.1f} {r['gflops_per_s']:>8.1f} "
+            f"{100 * r['fraction_of_peak']:>5.1f}% {psnr_text:>6}"
         )
     peak = report["machine"]["matmul_peak_gflops"]
     lines.append(f"float32 matmul peak {peak:.1f} GFLOP/s on {report['machine']['threads']} threads")
@@ -297,10 +226,3 @@ def format_table(report: dict[str, Any]) -> str:
     for name, reason in report.get("skipped", {}).items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)
-
-
-def write_report(report: dict[str, Any], path: str | Path) -> None:
-    from csc_serve.models.serialization import atomic_write
-
-    text = json.dumps(report, indent=2, default=float) + "\n"
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))

@@ -27,9 +27,9 @@ TARGET = 0.8
 
 def run_extract_bench(model: str, source: str, backend: str = "auto", batch_size: int = 32, shard_size: int = 256,
                       repeats: int = 3, min_time: float = 1.0, log=print) -> dict[str, Any]:
-    from csc_serve.bench.backends import time_call
-    from csc_serve.extract.run import (ExtractConfig, StageEncoder, decode_image, form_batches, list_inputs, run_extract,
-                          shards_of)
+    from csc_serve.bench.timing import time_call
+    from csc_serve.extract.encode import StageEncoder, decode_image, form_batches
+    from csc_serve.extract.run import ExtractConfig, list_inputs, run_extract, shards_of
 
     if repeats < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError("--repeats, --extract-batch and --extract-shard must be at least 1")
@@ -102,7 +102,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    from csc_serve.bench.backends import write_report
+    from csc_serve.bench.timing import write_report
 
     report = run_extract_bench(args.model, args.extract, args.extract_backend, args.extract_batch,
                                args.extract_shard, args.repeats, args.min_time)

@@ -5,7 +5,8 @@ endpoint back to back for ``duration`` seconds, after a warm-up that is not coun
 p50 and p99 latency, errors, the serving worker's memory (sampled from ``/metadata`` every second) and the
 throughput of the backend alone on the same images at the service's batch size, measured in this process
 before the load starts and again after it ends (the mean of the two), with the ratio of the HTTP throughput to
-it. Targets: ratio >= 0.7, no errors, memory growth after warm-up < 10 %. Without a URL the bench starts its own ``bentoml serve`` and stops it afterwards.
+it. Targets: ratio >= 0.7, no errors, memory growth after warm-up < 10 %. Without a URL the bench starts its own
+``bentoml serve`` and stops it afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from csc_serve.service.metadata import HIDDEN
 
 TARGETS = {"min_ratio": 0.7, "max_errors": 0, "max_memory_growth": 0.10}
 ENDPOINTS = ("reconstruct", "denoise", "encode")
@@ -49,7 +52,8 @@ def run_http_bench(cfg: HttpBenchConfig, log=print) -> dict[str, Any]:
     if cfg.url is not None:
         return _bench(cfg, cfg.url, log)
     log(f"starting bentoml serve for {cfg.model} ({cfg.backend})")
-    with ServerProcess(env={"CSC_MODEL": cfg.model, "CSC_BACKEND": cfg.backend}) as server:
+    # the raw-backend comparison loads the served model here, so this server tells where it is
+    with ServerProcess(env={"CSC_MODEL": cfg.model, "CSC_BACKEND": cfg.backend, "CSC_SHOW_PATHS": "true"}) as server:
         log(f"server ready at {server.url}")
         return _bench(cfg, server.url, log)
 
@@ -112,7 +116,7 @@ def _bench(cfg: HttpBenchConfig, url: str, log) -> dict[str, Any]:
 
 
 def _images(cfg: HttpBenchConfig, channels: int) -> np.ndarray:
-    from csc_serve.bench.backends import bench_images
+    from csc_serve.bench.timing import bench_images
 
     return bench_images(max(cfg.clients, 1), cfg.size, channels, cfg.data, seed=1)
 
@@ -135,7 +139,7 @@ class _RawBackend:
         self.batch, self.log, self.runs = batch, log, []
 
     def time(self, seconds: float) -> None:
-        from csc_serve.bench.backends import time_call
+        from csc_serve.bench.timing import time_call
 
         self.log(f"raw backend: {self.name}, {self.call.__name__}, batch {self.batch}, {seconds:.0f} s")
         self.runs.append(time_call(lambda: self.call(self.inputs, 1.0), seconds, 2)["median_s"])
@@ -154,9 +158,13 @@ def _model_here(model: dict) -> str:
     """The served model on this machine: its directory when the server is local, else its name or tag."""
     if Path(model["directory"]).is_dir():
         return model["directory"]
+    reference = model["tag"] or model["reference"]
+    if reference == HIDDEN:
+        raise ValueError("the server hides the path of the model it serves: start it with CSC_SHOW_PATHS=true to "
+                         "compare with the raw backend, or serve a bundled model or a model-store tag")
     from csc_serve.model_store import resolve_source
 
-    return str(resolve_source(model["tag"] or model["reference"]).directory)
+    return str(resolve_source(reference).directory)
 
 
 def _client_loop(url: str, endpoint: str, body: tuple[bytes, str], stop_at: float, out: list) -> None:
@@ -313,7 +321,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"HTTP /{cfg['endpoint']}{_sigma(cfg)}, {cfg['clients']} clients, {cfg['size']}x{cfg['size']} PNG, "
         f"{cfg['duration']:.0f} s",
         f"  throughput   {report['throughput_rps']:.1f} req/s   (raw {raw['backend']} batch {raw['batch']}: "
-        f"{raw['images_per_s']:.1f} img/s, mean of {_runs(raw)}; ratio {ratio}, target >= {ok['min_ratio']})  {_mark(ok['ratio_ok'])}",
+        f"{raw['images_per_s']:.1f} img/s, mean of {_runs(raw)}; ratio {ratio}, target >= {ok['min_ratio']})  "
+        f"{_mark(ok['ratio_ok'])}",
         f"  latency      p50 {p50} ms   p99 {p99} ms",
         f"  errors       {errors}  {_mark(ok['errors_ok'])}",
         f"  memory       {rss} at the end, growth after warm-up {growth} (target < 10 %)  {_mark(ok['memory_ok'])}",
@@ -351,7 +360,7 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    from csc_serve.bench.backends import write_report
+    from csc_serve.bench.timing import write_report
 
     if args.clients < 1 or args.duration <= 0 or args.warmup < 0:
         raise ValueError("--clients must be >= 1, --duration > 0 and --warmup >= 0")

@@ -6,6 +6,7 @@ import argparse
 
 from csc_serve.bench.extract import add_extract_arguments
 from csc_serve.bench.http import add_http_arguments
+from csc_serve.cli.common import MODEL_HELP
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -31,7 +32,8 @@ def _bench(args: argparse.Namespace) -> None:
         from csc_serve.bench.extract import run_from_args as run_extract_bench
 
         return run_extract_bench(args)
-    from csc_serve.bench.backends import CALLS, BenchConfig, format_table, run_bench, write_report
+    from csc_serve.bench.backends import CALLS, BenchConfig, format_table, run_bench
+    from csc_serve.bench.timing import write_report
 
     unknown = sorted(set(args.calls) - set(CALLS))
     if unknown:
@@ -61,23 +63,26 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
         help="benchmark every available backend against eager PyTorch",
         description="Time encode, decode and reconstruct on every available backend (eager PyTorch is the "
         "baseline; add torch-compiled, torch-bfloat16, torch-cuda... with --backends) on the same inputs, "
-        "for each batch size and image size: latency, images/s, convolution FLOPs of the unrolled graph and "
-        "GFLOP/s against the float32 matmul peak measured in the same run, reconstruction PSNR; then encode "
-        "time against pixel count with a linear fit. Prints a table and writes JSON.",
+        "for each batch size and image size: latency, images/s, convolution FLOPs per pixel (counted from the "
+        "model config) and GFLOP/s against the float32 matmul peak measured in the same run, reconstruction "
+        "PSNR; then encode time against pixel count with a linear fit. Prints a table and writes JSON.",
     )
-    p.add_argument("model", nargs="?", default="csc-ctrl-rgb", help="model directory or bundled model name (default: csc-ctrl-rgb)")
+    p.add_argument("model", metavar="MODEL", nargs="?", default="csc-ctrl-rgb",
+                   help=f"{MODEL_HELP} (default: csc-ctrl-rgb)")
     p.add_argument("--backends", type=_name_list, default=(),
                    help="comma-separated: torch-eager, torch-compiled, torch-bfloat16, onnxruntime-cpu, "
                    "onnxruntime-cuda, tensorrt, torch-cuda, torch-cuda-compiled, torch-cuda-bfloat16 "
                    "(default: eager torch and every available exported-graph backend)")
     p.add_argument("--batches", type=_int_list, default=(1, 8, 32), help="batch sizes (default: 1,8,32)")
     p.add_argument("--sizes", type=_int_list, default=(64, 256), help="square image sizes (default: 64,256)")
-    p.add_argument("--calls", type=_name_list, default=("encode", "decode", "reconstruct"), help="calls to time (default: encode,decode,reconstruct)")
+    p.add_argument("--calls", type=_name_list, default=("encode", "decode", "reconstruct"),
+                   help="calls to time (default: encode,decode,reconstruct)")
     p.add_argument("--scaling-sizes", type=_int_list, default=(64, 128, 256, 512, 768, 1024),
                    help="image sizes of the time-against-pixels fit (encode, batch 1, fastest backend; "
                    "default: 64,128,256,512,768,1024)")
     p.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the pixel-count fit")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per case, at least 2 calls (default: 1.0)")
+    p.add_argument("--min-time", type=float, default=1.0,
+                   help="seconds of timed calls per case, at least 2 calls (default: 1.0)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every usable core)")
     p.add_argument("--data", default=None, help="folder of images to crop inputs from (default: synthetic images)")
     p.add_argument("--artifacts", default=None, help="'csc export' directory (default: exported to the cache)")

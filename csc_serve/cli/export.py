@@ -6,18 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
+from csc_serve.cli.common import add_model_argument
+
 
 def _export(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from csc_serve.backends import resolve_model
     from csc_serve.export.graphs import GRAPHS
     from csc_serve.export.onnx_export import export_onnx
     from csc_serve.export.tensorrt import build_from_args, check_tensorrt_args
+    from csc_serve.model_store import resolve_model
 
     check_tensorrt_args(args)  # a bad profile, or no TensorRT or GPU, fails before the export
 
-    model, sha, source = resolve_model(args.model)
+    resolved = resolve_model(args.model)  # a model-store tag is recorded as the tag it resolved to
+    model, sha, source = resolved.module, resolved.weights_sha256, resolved.name
     done: list[str] = []
     with tqdm(total=len(GRAPHS) * (2 if args.fp16 else 1), desc="export", unit="graph", leave=False) as bar:
 
@@ -32,8 +35,9 @@ def _export(args: argparse.Namespace) -> None:
         )
         bar.update(1)
     out = Path(args.out)
-    for name, entry in manifest["onnx"]["graphs"].items():
-        print(f"{out / entry['file']}: parity max abs error {entry['parity']['max_abs_error']:.2e} ({entry['precision']})")
+    for entry in manifest["onnx"]["graphs"].values():
+        error = entry["parity"]["max_abs_error"]
+        print(f"{out / entry['file']}: parity max abs error {error:.2e} ({entry['precision']})")
     build_from_args(out, args)
     print(f"manifest: {out / 'manifest.json'} (weights {sha[:12]}..., opset {manifest['onnx']['opset']})")
     if args.json:
@@ -53,7 +57,7 @@ def add_export(commands: argparse._SubParsersAction) -> None:
         "--tensorrt then builds TensorRT plans from them on this machine's GPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("model", help="model directory or bundled model name")
+    add_model_argument(p)
     p.add_argument("--out", required=True, help="artifact directory (created if missing)")
     p.add_argument("--fp16", action="store_true", help="also write float16 graphs (*_fp16.onnx) for GPUs")
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from csc_serve.cli.common import add_model_argument, positive_int
+
 DESCRIPTION = """\
-Encode every image of INPUT with MODEL and write the sparse codes of one encoder stage (default: the last),
+Encode every image of INPUT with MODEL (a bundled name, a model directory or a model-store tag such as
+my-model:latest) and write the sparse codes of one encoder stage (default: the last),
 plus a pooled vector per image (mean |code| of each atom), as Parquet shards in --out:
 
   manifest.json        model weights sha256, stage, lmbda_scale, counts, shard list
@@ -40,16 +43,6 @@ def _extract(args: argparse.Namespace) -> None:
           f"{counts['shards']} shards in {args.out}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_extract(commands: argparse._SubParsersAction) -> None:
     from csc_serve.backends import BACKEND_NAMES
     from csc_serve.extract.run import ENGINES
@@ -60,24 +53,25 @@ def add_extract(commands: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="model directory or bundled model name")
+    add_model_argument(p)
     p.add_argument("input", help="folder of images, quoted glob, or text file listing image paths")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
-    p.add_argument("--stage", type=_positive_int, default=None,
+    p.add_argument("--stage", type=positive_int, default=None,
                    help="encoder stage to extract, counting from 1 (default: the last; earlier ones run on torch)")
     p.add_argument("--lmbda-scale", type=float, default=1.0, help="threshold scale, 1.0 = trained (default: 1.0)")
     p.add_argument("--no-pooled", dest="pooled", action="store_false", help="do not write the pooled vector")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="runtime (default: auto, the fastest)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per encode call (default: 32)")
-    p.add_argument("--batch-pixels", type=_positive_int, default=2**20,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per encode call (default: 32)")
+    p.add_argument("--batch-pixels", type=positive_int, default=2**20,
                    help="a batch also ends at this many pixels, so large images come fewer at a time "
                    "(default: 1048576, 1024x1024)")
-    p.add_argument("--shard-size", type=_positive_int, default=256, help="images per shard (default: 256)")
-    p.add_argument("--workers", type=_positive_int, default=4, help="image decoding threads (default: 4)")
+    p.add_argument("--shard-size", type=positive_int, default=256, help="images per shard (default: 256)")
+    p.add_argument("--workers", type=positive_int, default=4, help="image decoding threads (default: 4)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--engine", choices=ENGINES, default="local", help="where to run (default: local)")
     p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join, e.g. auto or ray://head:10001 (default: RAY_ADDRESS, else a local instance)")
-    p.add_argument("--ray-actors", type=_positive_int, default=2, help="Ray encoder actors (default: 2)")
+                   help="Ray cluster to join, e.g. auto or ray://head:10001 "
+                   "(default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--ray-actors", type=positive_int, default=2, help="Ray encoder actors (default: 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_extract)

@@ -1,4 +1,4 @@
-"""``csc train`` and ``csc eval``."""
+"""``csc train``: a CSC-CTRL model from a folder of images, on one process or under torchrun."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ HELP_TRAIN = {
 def _train(args: argparse.Namespace) -> None:
     import torch
 
+    from csc_serve.model_store import is_store_reference, resolve_source
     from csc_serve.models import CSCConfig
     from csc_serve.training.presets import PRESETS
     from csc_serve.training.run import train
@@ -60,7 +61,10 @@ def _train(args: argparse.Namespace) -> None:
         arch = PRESETS[args.preset]
     if arch is not None:
         arch = dataclasses.replace(arch, provenance={"command": " ".join(["csc", *sys.argv[1:]])})
-    out = train(config, model_config=arch, init=args.init, resume=args.resume)
+    init = args.init
+    if init and is_store_reference(init):  # a model-store tag: start from the stored directory
+        init = str(resolve_source(init).directory)
+    out = train(config, model_config=arch, init=init, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line rather than one per process
         print(f"model written to {out}")
 
@@ -82,7 +86,8 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     start = p.add_mutually_exclusive_group()
     start.add_argument("--preset", choices=sorted(PRESETS), default="csc-ctrl-rgb", help="starting architecture")
     start.add_argument("--arch", help="architecture JSON (the 'architecture' object of a config.json)")
-    start.add_argument("--init", help="start from this trained model (directory or bundled name)")
+    start.add_argument("--init",
+                       help="start from this trained model (bundled name, model directory or model-store tag)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     from csc_serve.training.trainer import TrainConfig
@@ -94,53 +99,3 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         flag = f"--{f.name.replace('_', '-')}"
         p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=HELP_TRAIN[f.name])
     p.set_defaults(run=_train)
-
-
-def _eval(args: argparse.Namespace) -> None:
-    import torch
-
-    from csc_serve.models import load_pretrained
-    from csc_serve.training.data import list_images, load_image
-    from csc_serve.training.evaluate import evaluate_images
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_pretrained(args.model)
-    paths = list_images(args.data)[: args.limit or None]
-    images = [torch.from_numpy(load_image(p, model.config.in_channels)) for p in paths]
-    result = evaluate_images(
-        model, images, args.task, sigma=args.sigma, seed=args.seed, blind=args.blind,
-        lmbda_scale=args.lmbda_scale, progress=True,
-    )
-    print(result.summary())
-    if args.json:
-        record = dataclasses.asdict(result) | {"model": str(args.model), "data": str(args.data), "seed": args.seed}
-        from csc_serve.models.serialization import atomic_write
-
-        text = json.dumps(record, indent=2)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
-
-
-def add_eval(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "eval",
-        help="mean PSNR and code sparsity on a folder of images",
-        description="Reconstruct or denoise every image of --data and print the mean PSNR (dB, peak 1) and the "
-        "fraction of zero last-stage codes. Denoising adds white Gaussian noise of std sigma/255 in float to "
-        "images in [0, 1], without clipping or rounding, and uses the model's calibrated threshold scale for "
-        "sigma (or for its own estimate of the noise with --blind).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("model", help="model directory or bundled model name")
-    p.add_argument("--data", required=True, help="folder of images")
-    p.add_argument("--task", choices=("reconstruct", "denoise"), default="reconstruct")
-    p.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0..255 scale (denoise)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--blind", action="store_true", help="estimate the noise level instead of using --sigma")
-    p.add_argument(
-        "--lmbda-scale", type=float, default=None, help="fixed threshold scale instead of the calibrated one"
-    )
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0: all)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--json", help="also write the result, per image, to this JSON file")
-    p.set_defaults(run=_eval)

@@ -6,9 +6,13 @@ threads, encodes them exactly as the local engine does (``csc_serve.extract.enco
 shard atomically into the output directory, batch by batch. The driver only plans, counts and writes the
 manifest. So the output is identical to a local run's, and ``--resume`` works across engines.
 
-On a cluster every node must see the input images and the output directory at the same paths (a shared
-filesystem: NFS, Lustre, a FUSE-mounted bucket); connect with ``ray_address="auto"`` from a cluster node,
-or ``ray://head:10001``. Ray is an optional extra (``pip install 'csc-serve[ray]'``), imported only here.
+On a cluster every node must see the input images, the output directory and the model at the same paths (a
+shared filesystem: NFS, Lustre, a FUSE-mounted bucket); connect with ``ray_address="auto"`` from a cluster
+node, or ``ray://head:10001``. The actors get the model as the driver resolved it: a bundled model by name,
+a model directory by its absolute path, a model-store tag by the stored directory (and its artifacts) the tag
+named when the run started, so every actor encodes with the same version even if ``name:latest`` moves on
+(on a cluster, ``$BENTOML_HOME`` must then be on the shared filesystem too). Ray is an optional extra
+(``pip install 'csc-serve[ray]'``), imported only here.
 """
 
 from __future__ import annotations
@@ -18,23 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
+from csc_serve.extract.encode import StageEncoder, decoded, encode_shard
+from csc_serve.extract.shards import ShardWriter
+
 
 class ShardEncoder:
     """A Ray Data actor: decodes, encodes and writes whole shards; returns one summary row per shard."""
 
     def __init__(self, model: str, stage: int | None, backend: str, lmbda_scale: float, batch: tuple[int, int],
-                 pooled: bool, out: str, prefetch: int, decode_threads: int = 2):
-        from csc_serve.extract.run import StageEncoder
-
-        self.encoder = StageEncoder(model, stage, backend, lmbda_scale)
+                 pooled: bool, out: str, prefetch: int, decode_threads: int = 2, artifacts: str | None = None):
+        self.encoder = StageEncoder(model, stage, backend, lmbda_scale, artifacts)
         self.batch, self.pooled, self.out = tuple(batch), pooled, Path(out)
         self.prefetch, self.decode_threads = prefetch, decode_threads
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="csc-decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from csc_serve.extract.run import decoded, encode_shard
-        from csc_serve.extract.shards import ShardWriter
-
         config = self.encoder.config
         indices, rows, errors = [], [], []
         for index, relatives, paths in zip(batch["index"], batch["relative"], batch["path"]):
@@ -67,8 +69,17 @@ def require_ray():
     return ray
 
 
-def run_ray(cfg, shards: list, todo: list[int], bar) -> None:
-    """Encode the shards ``todo`` on Ray Data; ``bar`` counts images as their shards are written."""
+def actor_model(source) -> tuple[str, str | None]:
+    """``(model, artifacts)`` for the actors, from the driver's ``ModelSource`` (see the module docstring)."""
+    artifacts = None if source.artifacts is None else str(source.artifacts.resolve())
+    if source.kind == "bundled":
+        return source.reference, artifacts
+    return str(source.directory.resolve()), artifacts
+
+
+def run_ray(cfg, shards: list, todo: list[int], bar, source) -> None:
+    """Encode the shards ``todo`` on Ray Data; ``bar`` counts images as their shards are written. ``source``:
+    the ``ModelSource`` the driver resolved ``cfg.model`` to."""
     ray = require_ray()
     if not todo:
         return
@@ -81,11 +92,11 @@ def run_ray(cfg, shards: list, todo: list[int], bar) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    model, artifacts = actor_model(source)
     summaries = dataset.map_batches(
         ShardEncoder,
         fn_constructor_kwargs=dict(
-            model=str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model,
-            stage=cfg.stage, backend=cfg.backend, lmbda_scale=cfg.lmbda_scale,
+            model=model, artifacts=artifacts, stage=cfg.stage, backend=cfg.backend, lmbda_scale=cfg.lmbda_scale,
             batch=(cfg.batch_size, cfg.batch_pixels),
             pooled=cfg.pooled, out=str(Path(cfg.out).resolve()), prefetch=cfg.prefetch,
         ),

@@ -19,15 +19,24 @@ from bentoml.validators import ContentType
 from pydantic import Field, WithJsonSchema
 
 from csc_serve.model_store import store_reference
-from csc_serve.service.guard import RequestGuard, use_cancelled_timeouts
-from csc_serve.service.payloads import RequestError, npy_bytes, png_bytes, read_image
-from csc_serve.service.metrics import metrics
-from csc_serve.service.settings import DEFAULT_MODEL, ServeSettings
+from csc_serve.service.bodies import Route
 from csc_serve.service.codes import read_codes, to_sparse
+from csc_serve.service.guard import RequestGuard, use_cancelled_timeouts
+from csc_serve.service.metrics import metrics
+from csc_serve.service.payloads import RequestError, npy_bytes, png_bytes, read_image
+from csc_serve.service.settings import DEFAULT_MODEL, ServeSettings
 
 ARGUMENTS = vars(bentoml.use_arguments())  # bentoml serve --arg name=value
 INLINE_BYTES = 1 << 17  # files and arrays up to this size are decoded and encoded on the event loop
-FILE_FIELDS = {"/encode": ("image",), "/decode": ("codes",), "/reconstruct": ("image",), "/denoise": ("image",)}
+IMAGE_OR_NPY = ("image/png", "application/octet-stream")  # output=png, output=npy
+# Every endpoint: its file fields, the media types of its 200 answer, whether it waits for the model (503).
+ROUTES = {
+    "/encode": Route(files=("image",), answers=("application/octet-stream",)),
+    "/decode": Route(files=("codes",), answers=IMAGE_OR_NPY),
+    "/reconstruct": Route(files=("image",), answers=IMAGE_OR_NPY),
+    "/denoise": Route(files=("image",), answers=IMAGE_OR_NPY),
+    "/metadata": Route(waits_for_model=False),
+}
 
 IMAGE_FIELD = Field(description="The image: a PNG, JPEG, BMP, TIFF, WebP, GIF or PPM file, or a .npy float array "
                     "(C, H, W) with values in [0, 1] (noisy images may leave that range). Upload it as a file "
@@ -40,13 +49,15 @@ IMAGE_OUTPUT = Field("png", examples=["png", "npy"],
                      "neither clipped nor rounded.")
 METADATA_EXAMPLE = {
     "ready": True, "error": None,
-    "model": {"reference": "csc-ctrl-rgb", "kind": "bundled", "tag": None, "weights_sha256": "75edbc16...",
-              "config": {"in_channels": 3, "stages": ["..."]}, "total_stride": 4, "code_channels": 96,
-              "tile_margin": 84},
-    "backend": {"backend": "onnxruntime", "device": "cpu", "precision": "float32", "threads": 2},
-    "artifacts": {"directory": "~/.cache/csc-serve/75edbc16ce58b507-4f1d2c9a", "onnx": {"encode": "2ef39b56..."}},
-    "versions": {"csc-serve": "0.1.0", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "bentoml": "1.4.39"},
-    "settings": {"model": "csc-ctrl-rgb", "backend": "auto", "max_batch_size": 32, "token": None},
+    "model": {"reference": "csc-ctrl-rgb", "kind": "bundled", "tag": None, "directory": "<hidden>",
+              "weights_sha256": "75edbc16...", "config": {"in_channels": 3, "stages": ["..."]}, "total_stride": 4,
+              "code_channels": 96, "tile_margin": 84},
+    "backend": {"backend": "onnxruntime", "device": "cpu", "precision": "float32", "threads": 2,
+                "artifacts": "<hidden>"},
+    "artifacts": {"directory": "<hidden>", "onnx": {"encode": "2ef39b56..."}},
+    "versions": {"csc-serve": "0.1.0", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "bentoml": "1.4.40"},
+    "settings": {"model": "csc-ctrl-rgb", "backend": "auto", "max_batch_size": 32, "token": None,
+                 "show_paths": False},
     "process": {"pid": 4242, "rss_bytes": 480000000},
 }
 Metadata = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "example": METADATA_EXAMPLE})]
@@ -159,7 +170,11 @@ class CSCService:
     @bentoml.api
     async def metadata(self) -> Metadata:
         """The served model (config, weights sha256), backend, artifact hashes, library versions, serving
-        limits, readiness and this worker's memory."""
+        limits, readiness and this worker's memory.
+
+        Filesystem paths (the model and artifact directories, and any path in another value) read
+        "<hidden>" unless the server runs with CSC_SHOW_PATHS=true.
+        """
         from csc_serve.service.metadata import describe
 
         return await asyncio.to_thread(describe, self.engine)
@@ -238,5 +253,5 @@ def _number(value: float) -> str:
     return format(float(value), ".9g")  # float32 round-trips
 
 
-CSCService.add_asgi_middleware(RequestGuard, settings=_settings_from_env, file_fields=FILE_FIELDS)
+CSCService.add_asgi_middleware(RequestGuard, settings=_settings_from_env, routes=ROUTES)
 use_cancelled_timeouts()

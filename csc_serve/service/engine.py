@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from csc_serve.service.batching import Batcher, QueueFull
 from csc_serve.model_store import resolve_source
+from csc_serve.models.metrics import psnr
 from csc_serve.service.batches import Work, run_batch
+from csc_serve.service.batching import Batcher, QueueFull
 from csc_serve.service.payloads import RequestError
 from csc_serve.service.settings import ServeSettings
-from csc_serve.service.tiling import TILE_TOLERANCE, can_tile, pad_to_stride, plan_tiles, receptive_margin
+from csc_serve.service.tiling import can_tile, pad_to_stride, plan_tiles, receptive_margin
 
 logger = logging.getLogger("csc_serve")
 
@@ -75,9 +76,8 @@ class Engine:
         return self
 
     def _load(self) -> None:
-        from csc_serve.models import load_pretrained
-
         from csc_serve.backends import load_backend
+        from csc_serve.models import load_pretrained
         from csc_serve.service.metrics import observe_batch
 
         try:
@@ -180,7 +180,7 @@ class Engine:
         scale = self.check_scale(lmbda_scale)
         out, sparsity = await self._image_call("reconstruct", image, scale)
         _count("reconstruct")
-        return ImageResult(out, scale, sparsity, psnr=psnr(out, image))
+        return ImageResult(out, scale, sparsity, psnr=psnr(out, image, clip=True))
 
     async def denoise(self, image: np.ndarray, sigma: float | None = None,
                       lmbda_scale: float | None = None) -> ImageResult:
@@ -284,10 +284,4 @@ def _count(what: str, amount: int = 1) -> None:
     (m.tiles if what == "tiles" else m.images.labels(endpoint=what)).inc(amount)
 
 
-def psnr(estimate: np.ndarray, target: np.ndarray) -> float:
-    """PSNR in dB for images in [0, 1], the estimate clipped to that range (as ``csc eval`` reports it)."""
-    error = np.clip(estimate, 0, 1, dtype=np.float64) - target
-    return float(-10 * np.log10(max(float(np.mean(error * error)), 1e-12)))
-
-
-__all__ = ["Engine", "EncodeResult", "ImageResult", "TILE_TOLERANCE", "Work"]
+__all__ = ["Engine", "EncodeResult", "ImageResult", "Work"]

@@ -1,10 +1,25 @@
-"""``/metadata``: what is served (model, backend, artifact hashes, versions, limits) and this worker's memory."""
+"""``/metadata``: what is served (model, backend, artifact hashes, versions, limits) and this worker's memory.
+
+Filesystem paths stay out of it unless the ``show_paths`` setting is on: the model directory, the artifact
+directory (by default the cache under the home directory), a model or artifacts setting that is a path, and
+any path inside another string (an error, a skipped backend's reason, the training command in the model's
+provenance) read ``<hidden>``. ``hide_paths`` does the same to error answers (``csc_serve.service.guard``).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+HIDDEN = "<hidden>"
+# A path that does not continue a word: two separators at least ("/srv/models", "/home/u/.cache/x") or a home,
+# dot or drive start ("~/x", "../data", "C:\\models"). A route ("poll /readyz"), a URL, "image/png", "1/2" and
+# "2.13.0+cpu" are left alone, and so is the rest of a path whose start was hidden ("<hidden>/encode.onnx").
+_CHAR = r"""[^\s'"`,;()\[\]{}<>|]"""
+PATH = re.compile(rf"(?<![\w.~/\\>:-])(?:(?:~|\.{{1,2}}|[A-Za-z]:)[/\\]{_CHAR}+|[/\\]{_CHAR}*[/\\]{_CHAR}*)")
 
 
 def describe(engine) -> dict[str, Any]:
@@ -17,7 +32,7 @@ def describe(engine) -> dict[str, Any]:
         if section in manifest:
             artifacts[section] = {name: entry.get("sha256") for name, entry in manifest[section].get(key, {}).items()}
     source = engine.source
-    return {
+    info = {
         "ready": engine.ready,
         "error": engine.error,
         "model": {"reference": source.reference, "kind": source.kind, "tag": source.tag,
@@ -31,6 +46,33 @@ def describe(engine) -> dict[str, Any]:
         "settings": engine.settings.public(),
         "process": {"pid": os.getpid(), "rss_bytes": _rss()},
     }
+    if engine.settings.show_paths:
+        return info
+    # A model directory given as a relative path ("models/mine") is a path without a leading slash.
+    named = [engine.settings.artifacts] + ([source.reference, engine.settings.model] if source.kind == "directory"
+                                           else [])
+    return hide_paths(info, named)
+
+
+def hide_paths(value: Any, paths: Iterable[str | os.PathLike | None] = ()) -> Any:
+    """``value`` (a string, or lists and dicts of them) with every path in it replaced by ``<hidden>``:
+    the given ``paths`` wherever they occur (relative ones too; a bare name is no path and stays), then
+    anything that looks like a path (``PATH``)."""
+    known = sorted({text for text in map(os.fspath, filter(None, paths)) if "/" in text or "\\" in text},
+                   key=len, reverse=True)
+    return _hide(value, known)
+
+
+def _hide(value: Any, known: list[str]) -> Any:
+    if isinstance(value, str):
+        for path in known:
+            value = value.replace(path, HIDDEN)
+        return PATH.sub(HIDDEN, value)
+    if isinstance(value, dict):
+        return {key: _hide(item, known) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_hide(item, known) for item in value]
+    return value
 
 
 def _versions(*names: str) -> dict[str, str]:

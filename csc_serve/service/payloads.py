@@ -107,7 +107,7 @@ def read_image(data: bytes, channels: int, max_pixels: int, value_range: tuple[f
 
 
 def _to_float(image: Image.Image) -> np.ndarray:
-    from csc_serve.training.data import _to_float as to_float  # one conversion for training and serving
+    from csc_serve.models.images import to_float  # one conversion for training and serving
 
     return to_float(image)
 

@@ -17,11 +17,19 @@ from typing import Any
 DEFAULT_MODEL = "csc-ctrl-rgb"
 TOKEN_ENV = "CSC_SERVE_TOKEN"
 PROTECTED_FIELDS = ("token",)  # never printed, never taken from --arg
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """How the service runs. Limits refuse a request with a 4xx before any work is done."""
+    """How the service runs. Limits refuse a request with a 4xx before any work is done.
+
+    ``show_paths`` (``CSC_SHOW_PATHS``, default false): whether public answers may name filesystem paths. Off,
+    ``/metadata`` and error answers show ``<hidden>`` in place of the model directory, the artifact directory
+    (the cache under the home directory by default), a model or artifacts setting that is a path, and any other
+    path (an error naming a file, the training command in a model's provenance); turn it on for a server that
+    only trusted clients reach (a local ``csc bench --http`` then times its raw baseline on the graphs served).
+    """
 
     model: str = DEFAULT_MODEL  # bundled model name, model directory, or BentoML model-store tag
     backend: str = "auto"  # a name of csc_serve.backends.BACKEND_NAMES
@@ -36,6 +44,7 @@ class ServeSettings:
     tile_size: int = 512  # images beyond tile_size^2 pixels are processed in tiles of this size
     max_lmbda_scale: float = 100.0
     token: str | None = None  # bearer token required on every POST when set
+    show_paths: bool = False  # /metadata and error answers name filesystem paths (default: <hidden>)
 
     def __post_init__(self) -> None:
         from csc_serve.backends import BACKEND_NAMES
@@ -53,6 +62,8 @@ class ServeSettings:
             raise ValueError(f"batch_wait_ms must be between 0 and 10000, got {self.batch_wait_ms}")
         if not 0 < self.max_lmbda_scale < float("inf"):
             raise ValueError(f"max_lmbda_scale must be a positive number, got {self.max_lmbda_scale}")
+        if not isinstance(self.show_paths, bool):
+            raise ValueError(f"show_paths must be true or false, got {self.show_paths!r}")
         if self.token is not None and len(self.token) < 8:
             raise ValueError(f"{TOKEN_ENV} must be at least 8 characters")
 
@@ -89,6 +100,11 @@ class ServeSettings:
 
 def _parse(name: str, text: str, default: Any, where: str) -> Any:
     text = text.strip()
+    if isinstance(default, bool):
+        flag = BOOLEANS.get(text.lower())
+        if flag is None:
+            raise ValueError(f"{where} must be true or false (1, 0, yes, no, on, off), got {text!r}")
+        return flag
     try:
         if isinstance(default, int):
             return int(text)
