@@ -187,26 +187,6 @@ def test_wheel_holds_one_package_that_runs_from_a_clean_venv(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a Bento served from the store
-class BentoServer(ServerProcess):
-    """``bentoml serve TAG`` run by another Python than this one."""
-
-    def __init__(self, python: Path, **kwargs):
-        super().__init__(**kwargs)
-        self.python = python
-
-    def start(self) -> None:
-        command = [str(self.python), "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1",
-                   "--port", str(self.port)]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop(keep_log=True)
-            raise
-
-
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -236,7 +216,7 @@ def test_bento_serves_from_the_store_with_no_checkout_and_no_install(tmp_path):
     _, noisy = noisy_image()
     upload = io.BytesIO()
     Image.fromarray((np.clip(noisy, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)).save(upload, "PNG")
-    with BentoServer(python, env=env, cwd=elsewhere, target=tag, timeout=240) as server:
+    with ServerProcess(env=env, cwd=elsewhere, target=tag, timeout=240, python=python) as server:
         reply = httpx.post(server.url + "/denoise", files={"image": ("noisy.png", upload.getvalue())},
                            data={"sigma": "25"}, timeout=60)
     assert reply.status_code == 200, reply.text

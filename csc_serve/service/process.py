@@ -29,14 +29,16 @@ def free_port() -> int:
 
 class ServerProcess:
     """``with ServerProcess(env={"CSC_MODEL": ...}) as server: server.url``; ``timeout`` bounds the start.
-    ``target``: the service import path, or ``None`` for the ``bentofile.yaml`` in ``cwd``."""
+    ``target``: the service import path, a Bento tag, or ``None`` for the ``bentofile.yaml`` in ``cwd``;
+    ``python``: the interpreter that runs ``bentoml`` (default: this one)."""
 
     def __init__(self, env: Mapping[str, str] | None = None, args: tuple[str, ...] = (), timeout: float = 300,
-                 cwd: str | os.PathLike | None = None, target: str | None = SERVICE):
+                 cwd: str | os.PathLike | None = None, target: str | None = SERVICE,
+                 python: str | os.PathLike = sys.executable):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
-        self.args, self.timeout, self.cwd, self.target = args, timeout, cwd, target
+        self.args, self.timeout, self.cwd, self.target, self.python = args, timeout, cwd, target, python
         self.process: subprocess.Popen | None = None
         fd, log = tempfile.mkstemp(prefix="csc-serve-", suffix=".log")
         os.close(fd)
@@ -52,8 +54,8 @@ class ServerProcess:
     def start(self) -> None:
         # No target: 'bentoml serve' finds the service in the bentofile.yaml of ``cwd``.
         target = [self.target] if self.target else []
-        command = [sys.executable, "-m", "bentoml", "serve", *target, "--host", "127.0.0.1", "--port", str(self.port),
-                   *self.args]
+        command = [os.fspath(self.python), "-m", "bentoml", "serve", *target, "--host", "127.0.0.1",
+                   "--port", str(self.port), *self.args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
