@@ -235,6 +235,8 @@ def test_metadata_hides_every_path_by_default(tmp_path):
     ({"files": {"image": ("a.png", png())}, "data": {"lmbda_scale": "NaN"}}, 400,
      "lmbda_scale: Input should be a finite"),
     ({"files": {"image": ("a.png", png())}, "data": {"output": "gif"}}, 400, "output: Input should be"),
+    ({"files": {"image": ("a.png", png())}, "data": {"sigma": "false"}}, 400, "sigma: Input should be a valid number"),
+    ({"files": {"image": ("a.png", png())}, "data": {"lmbda_scale": "true"}}, 400, "lmbda_scale: Input should be"),
     ({"json": {"image": "http://127.0.0.1:9/x.png"}}, 415, "multipart/form-data"),
     ({"files": {"image": ("big.png", png(400, 400))}}, 413, "exceeds the cap of 200000 bytes"),
     ({"content": b"--x\r\n\r\n--x--\r\n", "headers": {"Content-Type": "multipart/form-data"}}, 400,
@@ -345,11 +347,15 @@ def test_openapi_documents_every_endpoint_with_examples(app):
             assert answers[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
         assert set(answers["200"]["content"]) == set(kind.answers), route
         assert spec["paths"][route]["post"]["security"] == [{"bearer": []}]
+        if kind.files:  # no body at all is a 415, so the form is required
+            assert spec["paths"][route]["post"]["requestBody"]["required"] is True, route
     assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
     assert set(spec["paths"]["/decode"]["post"]["responses"]["200"]["content"]) == {"image/png",
                                                                                    "application/octet-stream"}
     fields = spec["paths"]["/denoise"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert fields["properties"]["sigma"]["examples"] == [25.0] and fields["properties"]["sigma"]["maximum"] == 255
+    assert fields["properties"]["sigma"]["nullable"] is True  # null: not given, the sigma is estimated
+    assert "nullable" not in fields["properties"]["output"]
     assert "X-CSC-Sigma" in spec["paths"]["/denoise"]["post"]["description"]
     assert "allow_pickle=False" in spec["paths"]["/encode"]["post"]["description"]
     answer = spec["paths"]["/metadata"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]

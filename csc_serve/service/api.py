@@ -41,7 +41,8 @@ ROUTES = {
 IMAGE_FIELD = Field(description="The image: a PNG, JPEG, BMP, TIFF, WebP, GIF or PPM file, or a .npy float array "
                     "(C, H, W) with values in [0, 1] (noisy images may leave that range). Upload it as a file "
                     "part; a URL is never fetched.", examples=["noisy.png"])
-SCALE_FIELD = Field(1.0, ge=0, allow_inf_nan=False, examples=[1.0, 3.0],
+# Numbers are strict: pydantic's lax mode would read a form value of true or false as 1 or 0.
+SCALE_FIELD = Field(1.0, ge=0, allow_inf_nan=False, strict=True, examples=[1.0, 3.0],
                     description="Multiplies every stage's sparsity threshold (1.0: as trained; larger: sparser "
                     "codes, more noise removed). At most max_lmbda_scale (100 by default).")
 IMAGE_OUTPUT = Field("png", examples=["png", "npy"],
@@ -127,9 +128,9 @@ class CSCService:
         self,
         codes: Path = Field(description="Codes as returned by /encode: the sparse .npz, or a dense .npy float "
                             "array (K, h, w).", examples=["codes.npz"]),
-        height: int | None = Field(None, ge=1, examples=[481], description="Crop the image to this height "
+        height: int | None = Field(None, ge=1, strict=True, examples=[481], description="Crop the image to this height "
                                    "(default: the image_size stored with sparse codes, else h * stride)."),
-        width: int | None = Field(None, ge=1, examples=[321], description="Crop the image to this width."),
+        width: int | None = Field(None, ge=1, strict=True, examples=[321], description="Crop the image to this width."),
         output: Literal["png", "npy"] = IMAGE_OUTPUT,
     ) -> PngOrNpy:
         """The image synthesised from last-stage codes. Header: X-CSC-Image-Size (H,W)."""
@@ -153,10 +154,10 @@ class CSCService:
     async def denoise(
         self,
         image: Path = IMAGE_FIELD,
-        sigma: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, examples=[25.0],
+        sigma: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, strict=True, examples=[25.0],
                                     description="Std of the Gaussian noise on the 0..255 scale; its calibrated "
                                     "lmbda_scale is used. Leave it and lmbda_scale out to have it estimated."),
-        lmbda_scale: float | None = Field(None, ge=0, allow_inf_nan=False, examples=[3.0],
+        lmbda_scale: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True, examples=[3.0],
                                           description="Denoise at this threshold scale instead of a sigma."),
         output: Literal["png", "npy"] = IMAGE_OUTPUT,
     ) -> PngOrNpy:

@@ -16,8 +16,8 @@ from csc_serve.service.settings import ServeSettings
 
 
 def document(spec: dict[str, Any], routes: Mapping[str, Route], settings: ServeSettings) -> dict[str, Any]:
-    """BentoML's OpenAPI document with every status each endpoint can answer, the error body's schema, and the
-    media types of each 200 answer."""
+    """BentoML's OpenAPI document with every status each endpoint can answer, the error body's schema, the
+    media types of each 200 answer, the form required where it holds a file, and optional fields nullable."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["Error"] = ERROR_SCHEMA
     if settings.token is not None:
@@ -32,6 +32,12 @@ def document(spec: dict[str, Any], routes: Mapping[str, Route], settings: ServeS
             ok["content"] = {kind: {"schema": {"type": "string", "format": "binary"}} for kind in route.answers}
         operation["responses"] = {"200": ok, **{str(status): _error_answer(status, text)
                                                for status, text in sorted(_statuses(route, settings).items())}}
+        if route.files and "requestBody" in operation:
+            operation["requestBody"]["required"] = True  # a form holding the file; no body is a 415
+        for body in operation.get("requestBody", {}).get("content", {}).values():
+            for field in body.get("schema", {}).get("properties", {}).values():
+                if "default" in field and field["default"] is None and "type" in field:
+                    field["nullable"] = True  # an optional field (BentoML writes `float | None` as a number)
         if settings.token is not None:
             operation["security"] = [{"bearer": []}]
     probes = {"/readyz": "The model is still loading, or it failed to load (/livez tells which).",
