@@ -19,6 +19,21 @@ from .serialization import check_weights, read_weights, save_pretrained
 SHIFT_PASS_PIXELS = 1 << 18
 
 
+def shifted_copies(x: torch.Tensor, shifts: list[tuple[int, int]], stride: int) -> torch.Tensor:
+    """Copies of ``x`` (B, C, H, W) shifted by each ``(dy, dx)`` in ``shifts``, ordered shift by shift, each a
+    whole batch: (len(shifts) B, C, H + stride, W + stride). Shifting by ``(dy, dx)`` pads ``dy`` rows on top
+    and ``stride - dy`` below (edge replication), so every copy has the same size."""
+    return torch.cat([F.pad(x, (dx, stride - dx, dy, stride - dy), mode="replicate") for dy, dx in shifts])
+
+
+def sum_of_unshifted(out: torch.Tensor, shifts: list[tuple[int, int]], size: tuple[int, int]) -> torch.Tensor:
+    """The sum over shifts of the outputs of ``shifted_copies``, each shifted back and cropped to ``size``:
+    (len(shifts) B, C, H', W') -> (B, C, H, W)."""
+    h, w = size
+    out = out.unflatten(0, (len(shifts), -1))  # (shifts, B, C, H', W')
+    return torch.stack([out[i, ..., dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts)]).sum(0)
+
+
 class CSCAutoencoder(nn.Module):
     r"""Multi-stage convolutional sparse coding autoencoder (the encoder and decoder of CSC-CTRL).
 
@@ -54,6 +69,7 @@ class CSCAutoencoder(nn.Module):
                 padding_mode=config.padding_mode,
                 nonnegative=config.nonnegative,
                 mu=stage.mu,
+                learned_steps=stage.learned_steps,
             )
             for i, stage in enumerate(config.stages)
         )
@@ -155,12 +171,9 @@ class CSCAutoencoder(nn.Module):
         total = None
         for first in range(0, len(shifts), group):
             part = shifts[first : first + group]
-            # Shifting by (dy, dx) pads dy rows on top and s - dy below, so every copy has the same size.
-            copies = torch.cat([F.pad(x, (dx, s - dx, dy, s - dy), mode="replicate") for dy, dx in part])
-            # Copies are ordered shift by shift, each a whole batch.
+            copies = shifted_copies(x, part, s)
             out = self.decode(self.encode(copies, scale.repeat(len(part)) if per_sample else scale, form=form))
-            out = out.unflatten(0, (len(part), -1))  # (shifts, B, C, H', W')
-            crops = torch.stack([out[i, ..., dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(part)]).sum(0)
+            crops = sum_of_unshifted(out, part, (h, w))
             total = crops if total is None else total + crops
         return total / len(shifts)
 

@@ -45,7 +45,8 @@ def _check_float(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """One encoder stage: a dictionary of ``num_atoms`` atoms and its FISTA solve."""
+    """One encoder stage: a dictionary of ``num_atoms`` atoms and its FISTA solve. ``learned_steps``: every
+    FISTA step has a learned step size and threshold scale (``CSCLayer``); off, plain FISTA."""
 
     num_atoms: int
     kernel_size: int
@@ -53,6 +54,7 @@ class StageConfig:
     lmbda: float = 0.1
     num_steps: int = 2
     mu: float = 0.0
+    learned_steps: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_atoms", self.num_atoms, 1)
@@ -65,6 +67,8 @@ class StageConfig:
             raise ConfigError(f"stride {self.stride} is larger than kernel_size {self.kernel_size}")
         _check_float("lmbda", self.lmbda)
         _check_float("mu", self.mu)
+        if not isinstance(self.learned_steps, bool):
+            raise ConfigError(f"learned_steps must be true or false, got {self.learned_steps!r}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,9 @@ class CSCConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["stages"] = [dataclasses.asdict(s) for s in self.stages]
+        # learned_steps is written only where set: a plain model's config reads as it always has.
+        out["stages"] = [{k: v for k, v in dataclasses.asdict(s).items() if k != "learned_steps" or v}
+                         for s in self.stages]
         out["value_range"] = list(self.value_range)
         if self.input_mean is not None:
             out["input_mean"] = list(self.input_mean)

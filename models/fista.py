@@ -6,7 +6,15 @@ the step index alone (``fista_momentum``), so the unrolled graph has no data-dep
     z_k     = prox( gradient_step(y_k) )            # z_1 = prox(eta D^T x): the gradient step at y = 0
     y_{k+1} = z_k + beta_k * (z_k - z_{k-1})
 
-with ``gradient_step(y) = (1 - eta mu) y - eta D^T D y + eta D^T x``. The forms write it differently:
+with ``gradient_step(y) = (1 - eta mu) y - eta D^T D y + eta D^T x`` and ``prox`` the soft threshold at
+``eta * lmbda * w * lmbda_scale`` (per atom, per sample). A layer with learned steps (``StageConfig.learned_steps``,
+as in analytic LISTA: the dictionary stays the layer's own, only scalars are learned) takes step ``k`` with its
+own step size and threshold, ``alpha_k`` and ``tau_k`` (``ConvLasso.step_scales``, ``threshold_scales``)::
+
+    eta_k   = alpha_k / (L + mu)
+    z_k     = prox_{eta_k tau_k lmbda w lmbda_scale}( (1 - eta_k mu) y_k - eta_k D^T D y_k + eta_k D^T x )
+
+``alpha_k = tau_k = 1`` is plain FISTA. The forms write it differently:
 
 - ``"training"`` (``training_form``): as above, with the soft threshold ``relu(v - t) - relu(-v - t)``:
   what autograd differentiates.
@@ -129,6 +137,8 @@ class ConvLasso:
     (a 0-d tensor), ``momentum`` the ``fista_momentum`` of the number of steps, ``num_atoms`` is ``K`` and
     ``mu`` the ridge weight.
     ``pointwise``: 1x1 atoms at stride 1, whose Gram operator ``D^T D`` is one K x K matrix.
+    ``step_scales`` and ``threshold_scales``: ``alpha_k`` and ``tau_k`` of every step (tensors of shape
+    ``(num_steps,)``), or ``None`` for plain FISTA (both 1).
     """
 
     analysis: Operator
@@ -139,21 +149,36 @@ class ConvLasso:
     mu: float = 0.0
     nonnegative: bool = True
     pointwise: bool = False
+    step_scales: torch.Tensor | None = None
+    threshold_scales: torch.Tensor | None = None
+
+    def step_factors(self, dtype: torch.dtype) -> tuple[list, list]:
+        """``alpha_k`` and ``alpha_k tau_k`` for every step, as 0-d tensors (plain FISTA: ``None``, a factor of 1)."""
+        steps = len(self.momentum)
+        if self.step_scales is None:
+            return [None] * steps, [None] * steps
+        alpha, tau = self.step_scales.to(dtype), self.threshold_scales.to(dtype)
+        return list(alpha.unbind()), list((alpha * tau).unbind())
+
+
+def _times(value: torch.Tensor, factor: torch.Tensor | float | None) -> torch.Tensor:
+    return value if factor is None else value * factor
 
 
 def _iterate(
     b: torch.Tensor,
-    gradient_step: Callable[[torch.Tensor], torch.Tensor],
-    prox: Callable[[torch.Tensor], torch.Tensor],
+    gradient_step: Callable[[torch.Tensor, int], torch.Tensor],
+    prox: Callable[[torch.Tensor, int], torch.Tensor],
     momentum: Sequence[float],
 ) -> torch.Tensor:
-    """The FISTA loop, every form's: ``b`` is the gradient step at ``y = 0``, ``eta D^T x``."""
-    z = prox(b)  # step 1 starts from z_0 = y_1 = 0
+    """The FISTA loop, every form's: ``b`` is the gradient step of step 1, at ``y = 0`` (``eta_1 D^T x``);
+    ``gradient_step(y, k)`` and ``prox(v, k)`` are those of step ``k`` (0-based)."""
+    z = prox(b, 0)  # step 1 starts from z_0 = y_1 = 0
     z_prev = z
-    for beta in momentum[1:]:
+    for k, beta in enumerate(momentum[1:], start=1):
         y = z + beta * (z - z_prev) if beta else z
         z_prev = z
-        z = prox(gradient_step(y))
+        z = prox(gradient_step(y, k), k)
     return z
 
 
@@ -169,32 +194,35 @@ def solve(x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor, lasso: Co
 def training_form(x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor, lasso: ConvLasso) -> torch.Tensor:
     """The training form: ``prox((1 - eta mu) y - eta D^T D y + eta D^T x)``, soft threshold ``relu``s."""
     analysis, synthesis = lasso.analysis, lasso.synthesis
+    alphas, thresh_factors = lasso.step_factors(x.dtype)
     eta = lasso.step_size.to(x.dtype)
-    shrink = 1.0 - eta * lasso.mu
     b = eta * analysis(x, weight)  # eta * D^T x, constant across steps
 
-    def gradient_step(y: torch.Tensor) -> torch.Tensor:
-        return shrink * y - eta * analysis(synthesis(y, weight), weight) + b
+    def gradient_step(y: torch.Tensor, k: int) -> torch.Tensor:
+        eta_k = _times(eta, alphas[k])
+        return (1.0 - eta_k * lasso.mu) * y - eta_k * analysis(synthesis(y, weight), weight) + _times(b, alphas[k])
 
-    def prox(v: torch.Tensor) -> torch.Tensor:
+    def prox(v: torch.Tensor, k: int) -> torch.Tensor:
+        t = _times(thresh, thresh_factors[k])
         if lasso.nonnegative:
-            return F.relu(v - thresh)
-        return F.relu(v - thresh) - F.relu(-v - thresh)
+            return F.relu(v - t)
+        return F.relu(v - t) - F.relu(-v - t)
 
-    return _iterate(b, gradient_step, prox, lasso.momentum)
+    return _iterate(_times(b, alphas[0]), gradient_step, prox, lasso.momentum)
 
 
 def folded_form(x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor, lasso: ConvLasso) -> torch.Tensor:
     """The folded form (module docstring) with per-sample, per-atom thresholds ``thresh`` (B, K, 1, 1)."""
     eta = lasso.step_size.to(x.dtype)
-    gram = _pointwise_gram(weight, eta, lasso, x.dtype) if lasso.pointwise else None
+    _, thresh_factors = lasso.step_factors(x.dtype)
 
-    def prox(v: torch.Tensor) -> torch.Tensor:
+    def prox(v: torch.Tensor, k: int) -> torch.Tensor:
+        t = _times(thresh, thresh_factors[k])
         if lasso.nonnegative:
-            return F.relu(v - thresh)
-        return v - torch.minimum(torch.maximum(v, -thresh), thresh)
+            return F.relu(v - t)
+        return v - torch.minimum(torch.maximum(v, -t), t)
 
-    return _folded(x, weight, eta * weight, eta, gram, prox, lasso)
+    return _folded(x, weight, lambda eta_k: eta_k * weight, eta, weight, prox, lasso)
 
 
 def rescaled_form(x: torch.Tensor, dictionary: torch.Tensor, lmbda_weights: torch.Tensor, lmbda: float,
@@ -215,20 +243,24 @@ def rescaled_form(x: torch.Tensor, dictionary: torch.Tensor, lmbda_weights: torc
         x = x / scale
         multiplier = multiplier * scale  # (B, K, 1, 1)
     eta = lasso.step_size.to(x.dtype)
+    _, thresh_factors = lasso.step_factors(x.dtype)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a constant of the exported graph
-        threshold = float(eta * lmbda)
-    gram = None
-    if lasso.pointwise:
-        gram = _pointwise_gram(dictionary, eta, lasso, x.dtype) * w.view(1, -1) / w.view(-1, 1)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # constants of the exported graph
+        thresholds = [float(_times(eta * lmbda, f)) for f in thresh_factors]
 
-    def prox(v: torch.Tensor) -> torch.Tensor:
+    def prox(v: torch.Tensor, k: int) -> torch.Tensor:
         # A constant: one Clip node (ONNX Runtime's Shrink kernel is scalar code).
-        return F.relu(v - threshold) if lasso.nonnegative else v - v.clamp(-threshold, threshold)
+        t = thresholds[k]
+        return F.relu(v - t) if lasso.nonnegative else v - v.clamp(-t, t)
 
     synthesis = dictionary * w.view(-1, 1, 1, 1)  # D diag(w)
-    analysis = eta * dictionary / w.view(-1, 1, 1, 1)  # eta diag(1/w) D^T
-    return _folded(x, synthesis, analysis, eta, gram, prox, lasso) * multiplier
+    inverse = w.view(-1, 1, 1, 1)
+
+    def analysis(eta_k: torch.Tensor) -> torch.Tensor:
+        return eta_k * dictionary / inverse  # eta_k diag(1/w) D^T
+
+    gram_weights = (w.view(1, -1), w.view(-1, 1)) if lasso.pointwise else None
+    return _folded(x, synthesis, analysis, eta, dictionary, prox, lasso, gram_weights) * multiplier
 
 
 def _pointwise_gram(weight: torch.Tensor, eta: torch.Tensor, lasso: ConvLasso, dtype: torch.dtype) -> torch.Tensor:
@@ -238,23 +270,37 @@ def _pointwise_gram(weight: torch.Tensor, eta: torch.Tensor, lasso: ConvLasso, d
     return (1.0 - eta * lasso.mu) * eye - eta * (d @ d.t())
 
 
-def _folded(x: torch.Tensor, synthesis_weight: torch.Tensor, analysis_weight: torch.Tensor, eta: torch.Tensor,
-            gram: torch.Tensor | None, prox: Callable[[torch.Tensor], torch.Tensor], lasso: ConvLasso) -> torch.Tensor:
-    """The folded iteration: ``analysis_weight`` holds ``eta`` (and, rescaled, ``1/w``); ``gram`` is the
-    pointwise Gram step matrix (K, K), or ``None`` for the convolutional step."""
+def _folded(x: torch.Tensor, synthesis_weight: torch.Tensor, analysis_weight: Callable[[torch.Tensor], torch.Tensor],
+            eta: torch.Tensor, dictionary: torch.Tensor, prox: Callable[[torch.Tensor, int], torch.Tensor],
+            lasso: ConvLasso, gram_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The folded iteration. Step ``k`` analyses with ``analysis_weight(eta_k)`` (``eta_k`` folded into the
+    weights; rescaled, ``1/w`` too); a pointwise layer steps with the Gram matrix of ``dictionary``, conjugated
+    by ``gram_weights`` (``diag(1/w) G diag(w)``) when given. Plain FISTA has one step size, so one set of
+    weights serves every step."""
     analysis, synthesis = lasso.analysis, lasso.synthesis
-    b = analysis(x, analysis_weight)  # eta * D^T x, constant across steps
-    if gram is not None:
-        gram_step = gram.view(lasso.num_atoms, lasso.num_atoms, 1, 1)
+    alphas, _ = lasso.step_factors(x.dtype)
+    plain = lasso.step_scales is None
+    etas = [eta] if plain else [eta * a for a in alphas]
+    per_step = len(lasso.momentum) if plain else 1  # each list below holds one entry per step
+    if lasso.pointwise:
+        grams = [_pointwise_gram(dictionary, e, lasso, x.dtype) for e in etas]
+        if gram_weights is not None:
+            grams = [g * gram_weights[0] / gram_weights[1] for g in grams]
+        gram_steps = [g.view(lasso.num_atoms, lasso.num_atoms, 1, 1) for g in grams] * per_step
+        b = analysis(x, analysis_weight(eta))  # eta D^T x; step k adds alpha_k times it
+        offsets = [b] * per_step if plain else [b * a for a in alphas]
 
-        def gradient_step(y: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(y, gram_step) + b
-    else:
-        keep = 1.0 - eta * lasso.mu if lasso.mu else None
+        def gradient_step(y: torch.Tensor, k: int) -> torch.Tensor:
+            return F.conv2d(y, gram_steps[k]) + offsets[k]
 
-        def gradient_step(y: torch.Tensor) -> torch.Tensor:
-            start = y * keep if keep is not None else y
-            # eta D^T (x - D y): the subtraction happens on the C input channels, not the K code maps.
-            return analysis(x - synthesis(y, synthesis_weight), analysis_weight) + start
+        return _iterate(offsets[0], gradient_step, prox, lasso.momentum)
 
-    return _iterate(b, gradient_step, prox, lasso.momentum)
+    analysis_weights = [analysis_weight(e) for e in etas] * per_step
+    keeps = [1.0 - e * lasso.mu if lasso.mu else None for e in etas] * per_step
+
+    def gradient_step(y: torch.Tensor, k: int) -> torch.Tensor:
+        start = y * keeps[k] if keeps[k] is not None else y
+        # eta_k D^T (x - D y): the subtraction happens on the C input channels, not the K code maps.
+        return analysis(x - synthesis(y, synthesis_weight), analysis_weights[k]) + start
+
+    return _iterate(analysis(x, analysis_weights[0]), gradient_step, prox, lasso.momentum)

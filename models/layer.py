@@ -48,6 +48,13 @@ class CSCLayer(nn.Module):
         z_k     = prox_{eta * lmbda * w}( (1 - eta * mu) * y_k - eta * D^T D y_k + eta * D^T x )
         y_{k+1} = z_k + beta_k * (z_k - z_{k-1})
 
+    With ``learned_steps`` every step ``k`` has its own learned step size and threshold (analytic-LISTA
+    style: two scalars per step, the dictionary unchanged), ``alpha_k = step_scales[k]`` and
+    ``tau_k = threshold_scales[k]``, both starting at 1 (plain FISTA):
+
+        z_k     = prox_{eta_k * tau_k * lmbda * w}( (1 - eta_k * mu) * y_k - eta_k * D^T D y_k + eta_k * D^T x ),
+        eta_k   = alpha_k / (L + mu)
+
     from ``z_0 = y_1 = 0``. ``prox`` is the soft threshold of code map ``k`` at ``eta * lmbda * w_k`` (or
     ``relu(v - eta * lmbda * w_k)`` for non-negative codes). The weights ``w = lmbda_weights`` (one per atom,
     non-negative, 1 by default) are learned with the dictionary: atoms that carry image structure above the
@@ -69,6 +76,7 @@ class CSCLayer(nn.Module):
         padding_mode: str = "zeros",
         nonnegative: bool = True,
         mu: float = 0.0,
+        learned_steps: bool = False,
     ):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -92,6 +100,7 @@ class CSCLayer(nn.Module):
         self.padding_mode = padding_mode
         self.nonnegative = nonnegative
         self.mu = float(mu)
+        self.learned_steps = bool(learned_steps)
         self.padding = (kernel_size - 1) // 2
         # Fine enough to sample the Fourier symbol of D^T D near its peak.
         self.power_grid = max(32, 4 * -(-kernel_size // stride))
@@ -100,6 +109,9 @@ class CSCLayer(nn.Module):
         self.dictionary = nn.Parameter(torch.randn(num_atoms, in_channels, kernel_size, kernel_size))
         # Per-atom weights of the l1 penalty (the threshold of atom k is eta * lmbda * w_k * lmbda_scale).
         self.lmbda_weights = nn.Parameter(torch.ones(num_atoms))
+        if self.learned_steps:  # alpha_k and tau_k of every step
+            self.step_scales = nn.Parameter(torch.ones(num_steps))
+            self.threshold_scales = nn.Parameter(torch.ones(num_steps))
         # Largest eigenvalue of D^T D (a bound for every image size); the FISTA step is 1 / (L + mu).
         # Computed on first use (or loaded with the weights), so building a model to load into is cheap.
         self.register_buffer("lipschitz", torch.ones(()))
@@ -112,7 +124,7 @@ class CSCLayer(nn.Module):
         return (
             f"{self.in_channels}, {self.num_atoms}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"lmbda={self.lmbda}, num_steps={self.num_steps}, padding_mode={self.padding_mode!r}, "
-            f"nonnegative={self.nonnegative}, mu={self.mu}"
+            f"nonnegative={self.nonnegative}, mu={self.mu}" + (", learned_steps=True" if self.learned_steps else "")
         )
 
     # ----------------------------------------------------------------------------- dictionary upkeep
@@ -247,8 +259,19 @@ class CSCLayer(nn.Module):
 
     @torch.no_grad()
     def clamp_lmbda_weights(self) -> None:
-        """Project the penalty weights onto ``w >= 0`` (after an optimizer step)."""
+        """Project the penalty weights onto ``w >= 0``, and learned step and threshold scales onto ``>= 0``
+        (after an optimizer step)."""
         self.lmbda_weights.clamp_(min=0.0)
+        if self.learned_steps:
+            self.step_scales.clamp_(min=0.0)
+            self.threshold_scales.clamp_(min=0.0)
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        """The learned parameters of the thresholds and steps: ``lmbda_weights`` (and, with learned steps,
+        ``step_scales`` and ``threshold_scales``)."""
+        if self.learned_steps:
+            return [self.lmbda_weights, self.step_scales, self.threshold_scales]
+        return [self.lmbda_weights]
 
     def threshold(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None) -> torch.Tensor:
         """Per-sample, per-atom prox threshold ``eta * lmbda * w_k * lmbda_scale``, shape (B, K, 1, 1)."""
@@ -265,8 +288,12 @@ class CSCLayer(nn.Module):
             raise ValueError(f"lmbda_scale must be a scalar or have shape ({x.shape[0]},), got {tuple(scale.shape)}")
         return scale.expand(x.shape[0]).reshape(-1, 1, 1, 1)
 
-    def _lasso(self) -> ConvLasso:
-        """This layer's operators and settings, as the FISTA forms take them (the step size as it is now)."""
+    def _lasso(self, detach: bool = False) -> ConvLasso:
+        """This layer's operators and settings, as the FISTA forms take them (the step size as it is now);
+        ``detach``: the learned step and threshold scales without their gradients."""
+        scales = (self.step_scales, self.threshold_scales) if self.learned_steps else (None, None)
+        if detach and self.learned_steps:
+            scales = tuple(t.detach() for t in scales)
         return ConvLasso(
             analysis=self._analysis,
             synthesis=self._synthesis,
@@ -276,6 +303,8 @@ class CSCLayer(nn.Module):
             mu=self.mu,
             nonnegative=self.nonnegative,
             pointwise=self.kernel_size == 1 and self.stride == 1,
+            step_scales=scales[0],
+            threshold_scales=scales[1],
         )
 
     def encode(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None,
@@ -292,10 +321,11 @@ class CSCLayer(nn.Module):
         return self.fista(x, self.dictionary, self.threshold(x, lmbda_scale), form)
 
     def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor,
-              form: str | None = None) -> torch.Tensor:
+              form: str | None = None, detach_steps: bool = False) -> torch.Tensor:
         """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, K, 1, 1): the
-        training form for ``form`` (default ``current_form()``) ``"training"``, else the folded form."""
-        return solve(x, weight, thresh, self._lasso(), form)
+        training form for ``form`` (default ``current_form()``) ``"training"``, else the folded form.
+        ``detach_steps``: learned step and threshold scales enter without their gradients."""
+        return solve(x, weight, thresh, self._lasso(detach_steps), form)
 
     def objective(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``0.5 ||x - D z||^2 + lmbda sum_k w_k ||z_k||_1 + mu/2 ||z||^2`` per sample, shape (B,)."""

@@ -44,9 +44,11 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def tiny_run(data_dir: Path, out: Path, **overrides) -> TrainConfig:
+    """A few steps on CPU, where the tests of bit-identical results hold (CUDA kernels may be nondeterministic)."""
     fields = dict(
         data=str(data_dir), out=str(out), crop_size=16, batch_size=4, iterations=4, rate_batch=2,
         checkpoint_every=2, eval_every=2, eval_images=2, holdout_fraction=0.3, sigma_max=30.0, figures=False,
+        device="cpu",
     )
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -96,22 +98,24 @@ def test_same_seed_same_model(data_dir, tmp_path):
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
-def test_resume_is_identical_to_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    whole = train(tiny_run(data_dir, tmp_path / "whole", iterations=6), PRESETS["tiny"], progress=False)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_identical_to_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, workers):
+    whole = train(tiny_run(data_dir, tmp_path / "whole", iterations=6, workers=workers), PRESETS["tiny"],
+                  progress=False)
     part = tmp_path / "part"
     real_step = Trainer.train_step
 
-    def interrupted(self, step):
+    def interrupted(self, step, batch=None):
         if step == 3:  # one step past the checkpoint of step 2: that step is lost and redone
             raise KeyboardInterrupt
-        return real_step(self, step)
+        return real_step(self, step, batch)
 
     monkeypatch.setattr(Trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_run(data_dir, part, iterations=6), PRESETS["tiny"], progress=False)
+        train(tiny_run(data_dir, part, iterations=6, workers=workers), PRESETS["tiny"], progress=False)
     assert not (part / "model.safetensors").exists()
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    train(tiny_run(data_dir, part, iterations=6), resume=True, progress=False)
+    train(tiny_run(data_dir, part, iterations=6, workers=workers), resume=True, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(weights(whole), weights(part)))
     assert load_pretrained(part).config.noise_calibration == load_pretrained(whole).config.noise_calibration
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
@@ -183,7 +187,7 @@ def test_torchrun_two_processes_average_gradients(data_dir, tmp_path):
     args = ["--data", str(data_dir), "--preset", "tiny", "--crop-size", "16", "--batch-size", "4",
             "--iterations", "3", "--rate-batch", "2", "--eval-every", "3", "--checkpoint-every", "3",
             "--eval-images", "2", "--holdout-fraction", "0.3", "--sigma-max", "30", "--figures", "0",
-            "--threads", "1"]
+            "--threads", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", "-m", "csc_serve.cli", "train", "--out", str(tmp_path / "ddp"), *args]

@@ -3,9 +3,9 @@
 Files are read by ``csc_serve.models.images`` (re-exported here): float32 arrays ``(C, H, W)`` in [0, 1]
 with the model's channel count; a file that Pillow cannot decode raises ``ImageReadError`` naming the path.
 
-``ImageFolderDataset`` yields random crops with random flips. The crop of item ``i`` in epoch ``e`` is drawn
-from ``numpy.random.default_rng([seed, e, i])``: the same seed gives the same crops on every run, on any
-number of workers, in any order.
+``ImageFolderDataset`` yields random crops with random flips. The crop of item ``i`` in epoch ``e``
+(``crop(i, e)``) is drawn from ``numpy.random.default_rng([seed, e, i])``: the same seed gives the same crops
+on every run, on any number of workers, in any order.
 """
 
 from __future__ import annotations
@@ -71,10 +71,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return self._cache[index]
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        return self.crop(index, self.epoch)
+
+    def crop(self, index: int, epoch: int) -> torch.Tensor:
+        """The crop of image ``index`` in ``epoch`` (the whole image when ``crop_size`` is None), ``(C, S, S)``."""
         array = self.image(index)
         if self.crop_size is None:
             return torch.from_numpy(array.copy())
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         size = self.crop_size
         _, h, w = array.shape
         if h < size or w < size:

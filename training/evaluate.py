@@ -40,7 +40,8 @@ class EvalResult:
 def noisy_copy(image: torch.Tensor, sigma: float, seed: int, index: int) -> torch.Tensor:
     """``image + sigma/255 * n`` with ``n`` drawn from (seed, index): the same noise on every run."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    return image + sigma / 255.0 * torch.randn(image.shape, generator=gen, dtype=image.dtype)
+    noise = torch.randn(image.shape, generator=gen, dtype=image.dtype).to(image.device)  # drawn on CPU everywhere
+    return image + sigma / 255.0 * noise
 
 
 @torch.no_grad()

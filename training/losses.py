@@ -70,12 +70,18 @@ def _check_features(features: torch.Tensor, eps: float) -> None:
 
 
 def _logdet_identity_plus_gram(features: torch.Tensor, scale: float) -> torch.Tensor:
-    """``logdet(I + scale Z^T Z)`` for ``Z = features`` ``(n, d)``, on the smaller Gram matrix."""
+    """``logdet(I + scale Z^T Z)`` for ``Z = features`` ``(n, d)``, on the smaller Gram matrix.
+
+    In at least float32 and outside autocast: bfloat16 features (``--bf16``) keep 8 bits of mantissa, too
+    few for a Gram matrix and its Cholesky factor.
+    """
     n, d = features.shape
-    gram = features @ features.T if n < d else features.T @ features  # (m, m), m = min(n, d)
-    eye = torch.eye(gram.shape[0], dtype=features.dtype, device=features.device)
-    chol = torch.linalg.cholesky(eye + scale * gram)  # (m, m) lower triangular
-    return 2.0 * torch.log(torch.diagonal(chol)).sum()
+    with torch.autocast(features.device.type, enabled=False):
+        features = features.to(torch.promote_types(features.dtype, torch.float32))
+        gram = features @ features.T if n < d else features.T @ features  # (m, m), m = min(n, d)
+        eye = torch.eye(gram.shape[0], dtype=features.dtype, device=features.device)
+        chol = torch.linalg.cholesky(eye + scale * gram)  # (m, m) lower triangular
+        return 2.0 * torch.log(torch.diagonal(chol)).sum()
 
 
 def coding_rate(features: torch.Tensor, eps: float) -> torch.Tensor:

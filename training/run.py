@@ -7,8 +7,11 @@ Layout of ``--out``::
     metrics.jsonl                      one JSON object per evaluation (loss terms, sparsity, held-out PSNR)
     figures/                           atoms of every stage, a reconstruction grid, training curves
 
-Runs under ``torchrun --nproc_per_node N`` (gloo on CPU): every process trains on its own batches and
-gradients are averaged; process 0 alone writes files.
+Training runs on ``config.device`` (model, optimizer state, batches and held-out evaluation; files are always
+written from CPU tensors, so a checkpoint resumes on any device), with batches built by ``DataLoader`` workers
+(``csc_serve.training.loader``). Runs under ``torchrun --nproc_per_node N`` (NCCL on CUDA, gloo otherwise):
+every process trains on its own batches and gradients are averaged; process 0 alone writes files. SIGINT
+or SIGTERM ends the run after the current step with a checkpoint (``csc_serve.training.progress``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +32,10 @@ from csc_serve.models import CSCAutoencoder, CSCConfig, load_pretrained
 from csc_serve.models.serialization import atomic_write, save_pretrained
 
 from .data import ImageFolderDataset, list_images, load_image, split_paths
+from .device import autocast, describe_device, init_distributed, resolve_device
 from .evaluate import evaluate_images, move_reconstruction_setting, refine_calibration, sparsest_reconstruction_scale
+from .loader import batch_loader
+from .progress import CheckpointTimer, StopSignals, Throughput, TrainingInterrupted, agree_on_stop
 from .trainer import TrainConfig, Trainer, _world, init_dictionaries
 
 CHECKPOINT = "checkpoint"
@@ -51,10 +56,10 @@ def _optimizer_tensors(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[
 def _loop_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
     """What a resumed run needs beyond the model for bit-identical steps: the exact calibration
     parameters and the power-iteration vectors that warm-start the step-size updates."""
-    tensors = {"loop.calibration": trainer.calibration.log_scale.detach().clone()}
+    tensors = {"loop.calibration": trainer.calibration.log_scale.detach().cpu().clone()}
     for i, stage in enumerate(trainer.model.stages):
         if stage._power_vector.numel():
-            tensors[f"loop.power{i}"] = stage._power_vector.contiguous()
+            tensors[f"loop.power{i}"] = stage._power_vector.cpu().contiguous()
     return tensors
 
 
@@ -63,7 +68,7 @@ def _restore_loop(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> None:
         trainer.calibration.log_scale.copy_(tensors["loop.calibration"])
     for i, stage in enumerate(trainer.model.stages):
         if f"loop.power{i}" in tensors:
-            stage._power_vector = tensors[f"loop.power{i}"]
+            stage._power_vector = tensors[f"loop.power{i}"].to(stage.dictionary.device)
 
 
 def _load_optimizers(trainer: Trainer, tensors: dict[str, torch.Tensor], groups: dict[str, Any]) -> None:
@@ -109,7 +114,8 @@ def save_checkpoint(trainer: Trainer, out: Path) -> None:
 
 
 # Settings a resumed run may change; any other difference would make it a different run.
-RESUMABLE_CHANGES = ("out", "iterations", "checkpoint_every", "eval_every", "eval_images", "figures", "recon_psnr")
+RESUMABLE_CHANGES = ("out", "iterations", "checkpoint_every", "eval_every", "eval_images", "figures", "recon_psnr",
+                     "device", "bf16", "workers", "checkpoint_minutes")
 
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig) -> None:
@@ -153,9 +159,10 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Train and write the model to ``config.out``; returns that directory."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+    """Train and write the model to ``config.out``; returns that directory. On SIGINT or SIGTERM, writes a
+    checkpoint after the current step and raises ``TrainingInterrupted``."""
+    device = resolve_device(config.device)  # before anything is written: a missing device leaves no trace
+    init_distributed(device)
     rank, world = _world()
     out = Path(config.out)
     paths = list_images(config.data)  # before anything is written: a bad --data leaves no trace
@@ -182,7 +189,7 @@ def train(
     if checkpoint is None and init is None:
         init_dictionaries(model)
     model.ensure_step_sizes()
-    trainer = Trainer(model, config, train_set, holdout)
+    trainer = Trainer(model, config, train_set, [x.to(device) for x in holdout])
 
     if checkpoint is not None:
         from safetensors.torch import load_file
@@ -197,49 +204,79 @@ def train(
         lines = "".join(json.dumps(record) + "\n" for record in trainer.history)
         atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
 
-    trainer.start_clock()
-    bar = tqdm(total=config.iterations, initial=trainer.step, unit="it", disable=not progress or rank != 0)
-    while trainer.step < config.iterations:
-        metrics = trainer.train_step(trainer.step)
-        trainer.step += 1
-        bar.update(1)
-        bar.set_postfix(psnr=f"{metrics['train_psnr']:.2f}", zeros=f"{metrics['zero_fraction']:.2f}")
-        last = trainer.step == config.iterations
-        if rank == 0 and holdout and (trainer.step % config.eval_every == 0 or last):
-            record = {"step": trainer.step, "seconds": round(trainer.seconds(), 1), **metrics}
-            record.update(evaluate_holdout(trainer))
-            trainer.history.append(record)
-            _log(out, record)
-        if rank == 0 and (trainer.step % config.checkpoint_every == 0 or last):
-            save_checkpoint(trainer, out)
-        if world > 1:
-            dist.barrier()
-    bar.close()
+    _train_steps(trainer, out, progress)
     if world > 1:
         _check_in_sync(model)
-
     if rank == 0:
-        model.update_step_sizes()  # a cold, converged power iteration for the step sizes that ship
-        extra = {"data": str(config.data), "images": len(paths), "processes": world,
-                 "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
-                 "train_seconds": round(trainer.seconds(), 1)}
-        model.config = final_config(trainer, extra)
-        if holdout and config.recon_psnr > 0:
-            factor = sparsest_reconstruction_scale(model.eval(), holdout, config.recon_psnr)
-            knots = move_reconstruction_setting(model, factor)
-            provenance = {**model.config.provenance, "reconstruction_scale_factor": factor}
-            model.config = dataclasses.replace(model.config, noise_calibration=knots or None, provenance=provenance)
-        if holdout and config.sigma_max > 0:
-            knots = refine_calibration(model.eval(), holdout, seed=config.seed)
-            model.config = dataclasses.replace(model.config, noise_calibration=knots)
-        save_pretrained(model, out)
-        if config.figures:
-            from .figures import save_training_figures
-
-            save_training_figures(model, holdout, trainer.history, out / "figures")
+        _write_model(trainer, holdout, {"data": str(config.data), "images": len(paths)})
     if world > 1:
         dist.barrier()
     return out
+
+
+def _train_steps(trainer: Trainer, out: Path, progress: bool) -> None:
+    """Steps ``trainer.step`` .. ``iterations - 1``, with evaluations, checkpoints by steps and by time, and
+    a checkpoint then ``TrainingInterrupted`` when a process receives SIGINT or SIGTERM."""
+    config, rank, device = trainer.config, trainer.rank, trainer.device
+    loader = batch_loader(trainer.batches, trainer.step, config.iterations, config.workers,
+                          pin_memory=device.type == "cuda")
+    batches = iter(loader) if trainer.step < config.iterations else iter(())
+    meter, timer = Throughput(config.batch_size * trainer.world), CheckpointTimer(config.checkpoint_minutes)
+    trainer.start_clock()
+    bar = tqdm(total=config.iterations, initial=trainer.step, unit="it", disable=not progress or rank != 0)
+    try:
+        with StopSignals() as signals:
+            while trainer.step < config.iterations:
+                meter.start()
+                batch = next(batches)
+                with autocast(device, config.bf16):
+                    metrics = trainer.train_step(trainer.step, batch)
+                metrics["crops_per_s"] = round(meter.stop(), 1)
+                trainer.step += 1
+                bar.update(1)
+                bar.set_postfix(psnr=f"{metrics['train_psnr']:.2f}", zeros=f"{metrics['zero_fraction']:.2f}",
+                                crops_s=f"{metrics['crops_per_s']:.0f}")
+                last = trainer.step == config.iterations
+                if rank == 0 and trainer.holdout and (trainer.step % config.eval_every == 0 or last):
+                    record = {"step": trainer.step, "seconds": round(trainer.seconds(), 1), **metrics}
+                    record.update(evaluate_holdout(trainer))
+                    trainer.history.append(record)
+                    _log(out, record)
+                stop = agree_on_stop(signals.requested, device)  # all processes stop after the same step
+                if rank == 0 and (trainer.step % config.checkpoint_every == 0 or last or stop or timer.due()):
+                    save_checkpoint(trainer, out)
+                    timer.reset()
+                if stop:
+                    if trainer.world > 1:
+                        dist.barrier()  # the checkpoint of process 0 is complete before any process exits
+                    raise TrainingInterrupted(stop, trainer.step, out / CHECKPOINT)
+    finally:
+        bar.close()
+        del batches  # shuts the loader workers down
+
+
+def _write_model(trainer: Trainer, holdout: list[torch.Tensor], extra: dict[str, Any]) -> None:
+    """The final model: converged step sizes, provenance, the reconstruction setting and the calibration
+    (searched on the device), then the files from CPU tensors."""
+    config, model = trainer.config, trainer.model
+    model.update_step_sizes()  # a cold, converged power iteration for the step sizes that ship
+    extra = {**extra, "processes": trainer.world, **describe_device(trainer.device), "bf16": config.bf16,
+             "torch": torch.__version__, "train_seconds": round(trainer.seconds(), 1)}
+    model.config = final_config(trainer, extra)
+    if holdout and config.recon_psnr > 0:
+        factor = sparsest_reconstruction_scale(model.eval(), trainer.holdout, config.recon_psnr)
+        knots = move_reconstruction_setting(model, factor)
+        provenance = {**model.config.provenance, "reconstruction_scale_factor": factor}
+        model.config = dataclasses.replace(model.config, noise_calibration=knots or None, provenance=provenance)
+    if holdout and config.sigma_max > 0:
+        knots = refine_calibration(model.eval(), trainer.holdout, seed=config.seed)
+        model.config = dataclasses.replace(model.config, noise_calibration=knots)
+    model.cpu()
+    save_pretrained(model, config.out)
+    if config.figures:
+        from .figures import save_training_figures
+
+        save_training_figures(model, holdout, trainer.history, Path(config.out) / "figures")
 
 
 def _check_in_sync(model: CSCAutoencoder) -> None:

@@ -32,6 +32,10 @@ With ``alternate`` the players move in turn, each with its own Adam state: first
 ``L_g = w_pix P(g_D(sg Z), x) + w_rate Delta R(sg Z, f_sg(D)(g_D(sg Z)))``. The f-path and g-path
 pixel gradients add up to the gradient of ``P``; normalised separately by two Adam states they no longer
 do, so alternation needs a smaller learning rate and is not the default.
+A shift-averaged model (``CSCConfig.shift_average``) serves the mean of the reconstructions of the image at
+every shift of its stride grid. With ``train_shifts = n > 1`` the pixel term trains that mean: each step
+encodes the batch at ``n`` shifts drawn from the ``S^2`` (without replacement, from the seed and the step) and
+``X^`` is the mean of their reconstructions, shifted back; ``Z`` are the codes of the first drawn shift.
 With ``w_rate = 0`` the game reduces to supervised denoising of ``x~`` towards ``x``. After every
 update the atoms are projected to unit norm, the weights ``w`` onto ``w >= 0``, and a warm-started power
 iteration refreshes the FISTA step size. After the last step, ``recon_psnr > 0`` moves the reconstruction
@@ -50,14 +54,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from csc_serve.models import CSCAutoencoder, psnr
+from csc_serve.models.autoencoder import shifted_copies, sum_of_unshifted
 from csc_serve.models.calibration import interpolate_scale
 
+from .device import check_device_name, full_precision, resolve_device
+from .loader import StepBatch, StepBatches, default_workers
 from .losses import binary_rate_reduction, coding_rate, flatten_features
 
 
@@ -90,10 +96,16 @@ class TrainConfig:
     alternate: bool = False
     figures: bool = True
     recon_psnr: float = 0.0
+    device: str = "auto"
+    bf16: bool = False
+    workers: int = default_workers()
+    checkpoint_minutes: float = 0.0
+    train_shifts: int = 1
 
     def __post_init__(self) -> None:
         positive = (
-            "crop_size", "batch_size", "rate_batch", "iterations", "checkpoint_every", "eval_every", "power_iters"
+            "crop_size", "batch_size", "rate_batch", "iterations", "checkpoint_every", "eval_every", "power_iters",
+            "train_shifts",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -108,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"recon_psnr must be in [0, 100) dB, got {self.recon_psnr}")
         if self.sigma_max < 0 or self.lr <= 0 or self.eps <= 0 or self.calibration_knots < 2:
             raise ValueError("sigma_max must be >= 0, lr and eps > 0, calibration_knots >= 2")
+        if self.workers < 0 or self.checkpoint_minutes < 0:
+            raise ValueError("workers and checkpoint_minutes must be >= 0")
+        check_device_name(self.device)
 
 
 def orthonormal_atoms(channels: int, kernel_size: int) -> torch.Tensor:
@@ -162,7 +177,7 @@ def encode_with(model: CSCAutoencoder, x: torch.Tensor, scale: torch.Tensor, fro
     for stage in model.stages:
         weight = stage.dictionary.detach() if frozen else stage.dictionary
         thresh = stage.threshold(z, scale)  # (B, K, 1, 1): per-atom weights times the per-sample scale
-        z = stage.fista(z, weight, thresh.detach() if frozen else thresh)
+        z = stage.fista(z, weight, thresh.detach() if frozen else thresh, detach_steps=frozen)
     return z
 
 
@@ -205,14 +220,16 @@ def _world() -> tuple[int, int]:
 
 
 def _average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients over the processes: all of them flattened into one buffer, one all_reduce."""
     rank, world = _world()
     if world == 1:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numel,)
+    dist.all_reduce(flat)
+    flat /= world
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p)
 
 
 class Trainer:
@@ -221,11 +238,17 @@ class Trainer:
     def __init__(self, model: CSCAutoencoder, config: TrainConfig, train_set, holdout: torch.Tensor | None):
         self.model, self.config = model, config
         self.train_set, self.holdout = train_set, holdout
+        self.rank, self.world = _world()
+        self.device = resolve_device(config.device)
+        model.to(self.device)  # before the optimizers: their state lives beside the parameters
         self.calibration = Calibration(config.sigma_max, config.calibration_knots, model.config.noise_calibration)
+        self.calibration.to(self.device)
+        self.batches = StepBatches(train_set, config.batch_size, config.sigma_max, config.clean_fraction,
+                                   config.seed, self.rank)
         dictionaries = [s.dictionary for s in model.stages]
         groups = [
             {"params": dictionaries},
-            {"params": [s.lmbda_weights for s in model.stages], "lr": config.lr_thresholds},
+            {"params": [p for s in model.stages for p in s.threshold_parameters()], "lr": config.lr_thresholds},
             {"params": self.calibration.parameters(), "lr": config.lr_calibration},
         ]
         if config.alternate:
@@ -239,7 +262,6 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.out = Path(config.out)
-        self.rank, self.world = _world()
         self.prior_seconds = 0.0  # training time of earlier runs of a resumed training
         self._clock = time.monotonic()
 
@@ -251,24 +273,25 @@ class Trainer:
         return self.prior_seconds + time.monotonic() - self._clock
 
     # ----------------------------------------------------------------------------- one iteration
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        rng = np.random.default_rng([cfg.seed, step, self.rank])
-        n = len(self.train_set)
-        self.train_set.set_epoch(step)
-        x = torch.stack([self.train_set[int(i)] for i in rng.integers(0, n, cfg.batch_size)])
-        sigma = rng.uniform(0, cfg.sigma_max, cfg.batch_size) * (rng.random(cfg.batch_size) >= cfg.clean_fraction)
-        return x, torch.from_numpy(sigma).float()
+    def _batch(self, step: int, batch: StepBatch | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean crops, noise levels and noisy crops of ``step`` on the device: ``batch`` as a loader built it
+        (``csc_serve.training.loader``), or built here when None."""
+        batch = self.batches[step] if batch is None else batch
+        if batch.step != step:
+            raise ValueError(f"the batch of step {batch.step} was given for step {step}")
+        _, clean, sigma, noisy = batch.to(self.device)
+        return clean, sigma, noisy
 
     def _update(self, player: str, loss: torch.Tensor) -> None:
         optimizer = self.optimizers[player]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _average_gradients([p for group in optimizer.param_groups for p in group["params"]])
-        optimizer.step()
-        self.model.normalize_dictionaries()
-        self.model.clamp_lmbda_weights()
-        self.model.update_step_sizes(num_iters=self.config.power_iters)
+        with full_precision(self.device.type):  # under --bf16 too: float32 gradients, Adam and power iteration
+            loss.backward()
+            _average_gradients([p for group in optimizer.param_groups for p in group["params"]])
+            optimizer.step()
+            self.model.normalize_dictionaries()
+            self.model.clamp_lmbda_weights()
+            self.model.update_step_sizes(num_iters=self.config.power_iters)
 
     def _set_learning_rates(self, step: int) -> None:
         """Cosine decay from the configured rates to ``lr_final`` times them at the last step."""
@@ -294,39 +317,60 @@ class Trainer:
         reduction = binary_rate_reduction(flatten_features(z.detach()), flatten_features(z_hat), self.config.eps)
         return reduction, {"delta_rate_g": reduction.item()}
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def _shifts(self, step: int) -> list[tuple[int, int]]:
+        """The grid shifts averaged in step ``step`` (``train_shifts`` of them), or ``[]`` for the image as it is."""
+        s = self.model.config.total_stride
+        count = min(self.config.train_shifts, s * s)
+        if count < 2 or not self.model.config.shift_average:
+            return []
+        generator = torch.Generator().manual_seed(self.config.seed * 7_919 + step)
+        return [divmod(int(i), s) for i in torch.randperm(s * s, generator=generator)[:count]]
+
+    def _first_shift(self, images: torch.Tensor, shifts: list[tuple[int, int]]) -> torch.Tensor:
+        """``images`` as the first drawn shift encodes them, so that their codes line up with ``Z``."""
+        return images if not shifts else shifted_copies(images, shifts[:1], self.model.config.total_stride)
+
+    @staticmethod
+    def _merge(out: torch.Tensor, shifts: list[tuple[int, int]], x: torch.Tensor) -> torch.Tensor:
+        """The mean of the reconstructions of the shifted copies, shifted back: ``X^`` at the size of ``x``."""
+        return out if not shifts else sum_of_unshifted(out, shifts, tuple(x.shape[-2:])) / len(shifts)
+
+    def train_step(self, step: int, batch: StepBatch | None = None) -> dict[str, float]:
         cfg, model = self.config, self.model
         self._set_learning_rates(step)
-        x, sigma = self._batch(step)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + self.rank)
-        noisy = x + sigma.view(-1, 1, 1, 1) / 255.0 * torch.randn(x.shape, generator=gen)
+        x, sigma, noisy = self._batch(step, batch)  # (B, C, S, S), (B,), (B, C, S, S)
         rates = cfg.rate_weight > 0
         nr = min(cfg.rate_batch, x.shape[0])  # the rate terms use the first rate_batch samples of the batch
         metrics: dict[str, float] = {}
 
-        z = encode_with(model, noisy, self.calibration(sigma), frozen=False)
+        shifts = self._shifts(step)
+        scale = self.calibration(sigma)
+        if shifts:
+            noisy, scale = shifted_copies(noisy, shifts, model.config.total_stride), scale.repeat(len(shifts))
+        z = encode_with(model, noisy, scale, frozen=False)  # shifted: the copies, shift by shift
         if not cfg.alternate:
             # Both players move at once: the pixel term through f and g, each player's rate terms.
-            x_hat = decode_with(model, z, frozen=False)
+            x_hat = self._merge(decode_with(model, z, frozen=False), shifts, x)
             pixel = F.mse_loss(x_hat, x)
             loss = cfg.pixel_weight * pixel_loss(x_hat, x)
             if rates:
-                (up, m_f), (down, m_g) = self._encoder_rates(z[:nr], x_hat[:nr]), self._decoder_rates(z[:nr])
+                up, m_f = self._encoder_rates(z[:nr], self._first_shift(x_hat[:nr], shifts))
+                down, m_g = self._decoder_rates(z[:nr])
                 loss = loss + cfg.rate_weight * (up + down)
                 metrics.update(m_f | m_g)
             self._update("game", loss)
         else:
             # Encoder step: D through f (and the calibration), the synthesis fixed.
-            x_hat = decode_with(model, z, frozen=True)
+            x_hat = self._merge(decode_with(model, z, frozen=True), shifts, x)
             pixel = F.mse_loss(x_hat, x)
             loss_f = cfg.pixel_weight * pixel_loss(x_hat, x)
             if rates:
-                up, m_f = self._encoder_rates(z[:nr], x_hat[:nr])
+                up, m_f = self._encoder_rates(z[:nr], self._first_shift(x_hat[:nr], shifts))
                 loss_f = loss_f + cfg.rate_weight * up
                 metrics.update(m_f)
             self._update("encoder", loss_f)
             # Decoder step: D through g, the codes and the re-encoding's analysis fixed.
-            x_hat = decode_with(model, z.detach(), frozen=False)
+            x_hat = self._merge(decode_with(model, z.detach(), frozen=False), shifts, x)
             loss_g = cfg.pixel_weight * pixel_loss(x_hat, x)
             if rates:
                 down, m_g = self._decoder_rates(z[:nr])

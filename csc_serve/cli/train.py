@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,6 +36,18 @@ HELP_TRAIN = {
     "recon_psnr": "after training, make lmbda_scale 1 the sparsest setting whose held-out reconstruction PSNR "
                   "(dB) reaches this, leaving the denoising thresholds at the calibration knots unchanged (0: keep the "
                   "trained setting)",
+    "device": "where to train: auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps; under "
+              "torchrun with cuda each process uses cuda:LOCAL_RANK and the processes talk over NCCL",
+    "bf16": "forward pass and loss in bfloat16 autocast (1); parameters, optimizer state, step sizes and the "
+            "rate-reduction logdet stay float32",
+    "workers": "DataLoader worker processes that crop and add noise (0: in the training process); the default, "
+               "min(4, CPUs - 1), leaves one core to training. Batches are the same for any number",
+    "checkpoint_minutes": "also write a checkpoint whenever this many minutes of training passed since the last "
+                          "one (0: only every --checkpoint-every steps). Ctrl-C or SIGTERM always writes one after "
+                          "the current step and exits (130 or 143); --resume continues from it",
+    "train_shifts": "grid shifts of a shift-averaged model averaged in each training step (1: the grid as it is; "
+                    "up to stride^2): trains the mean that reconstruct and denoise serve, at that many encodings "
+                    "per crop",
 }
 
 
@@ -44,6 +57,7 @@ def _train(args: argparse.Namespace) -> None:
     from csc_serve.model_store import is_store_reference, resolve_source
     from csc_serve.models import CSCConfig
     from csc_serve.training.presets import PRESETS
+    from csc_serve.training.progress import TrainingInterrupted
     from csc_serve.training.run import train
     from csc_serve.training.trainer import TrainConfig
 
@@ -64,9 +78,22 @@ def _train(args: argparse.Namespace) -> None:
     init = args.init
     if init and is_store_reference(init):  # a model-store tag: start from the stored directory
         init = str(resolve_source(init).directory)
-    out = train(config, model_config=arch, init=init, resume=args.resume)
+    try:
+        out = train(config, model_config=arch, init=init, resume=args.resume)
+    except TrainingInterrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"csc train: {stop}; resume with: {_resume_command(args)}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line rather than one per process
         print(f"model written to {out}")
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run: the same arguments with ``--resume`` (under torchrun, pass
+    them to the same torchrun command)."""
+    argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", "--data", args.data, "--out", args.out]
+    command = shlex.join(["csc", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return command + (" (through the same torchrun command)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
@@ -78,7 +105,9 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         description="Train a CSC autoencoder with the closed-loop rate-reduction game and noisy inputs "
         "(robust training), learning the map from noise level to threshold scale. Writes the model "
         "(config.json + model.safetensors), checkpoint/, metrics.jsonl and figures/ into --out. "
-        "Runs under 'torchrun --standalone --nproc_per_node N -m csc_serve.cli train ...' too.",
+        "Trains on a GPU with --device cuda (add --bf16 for bfloat16 autocast), and on several with "
+        "'torchrun --standalone --nproc_per_node N -m csc_serve.cli train --device cuda ...' (NCCL; gloo on CPU). "
+        "Ctrl-C or SIGTERM stops after the current step with a checkpoint; --resume continues exactly.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, help="folder of training images (PNG, JPEG, BMP, TIFF)")
@@ -95,7 +124,10 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("data", "out"):
             continue
-        kind = int if isinstance(f.default, bool) else type(f.default)
         flag = f"--{f.name.replace('_', '-')}"
-        p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=HELP_TRAIN[f.name])
+        if isinstance(f.default, bool):  # 0 or 1; the bare flag means 1
+            p.add_argument(flag, dest=f.name, type=int, nargs="?", const=1, default=f.default, metavar="{0,1}",
+                           help=HELP_TRAIN[f.name])
+        else:
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=HELP_TRAIN[f.name])
     p.set_defaults(run=_train)
