@@ -28,6 +28,18 @@ PRESETS: dict[str, CSCConfig] = {
         input_mean=(0.5, 0.5, 0.5),
         shift_average=True,
     ),
+    # Colour, 128 9x9 atoms on a stride-4 grid averaged over its 16 shifts, then a 1x1 stage, both with learned
+    # per-step step sizes and thresholds: 7 + 2 FISTA steps, about the inference cost of csc-ctrl-rgb-s4 (190 KB).
+    "csc-ctrl-rgb-s4-learned": CSCConfig(
+        in_channels=3,
+        stages=(
+            StageConfig(num_atoms=128, kernel_size=9, stride=4, lmbda=0.01, num_steps=7, learned_steps=True),
+            StageConfig(num_atoms=128, kernel_size=1, stride=1, lmbda=0.01, num_steps=2, learned_steps=True),
+        ),
+        nonnegative=False,
+        input_mean=(0.5, 0.5, 0.5),
+        shift_average=True,
+    ),
     # Greyscale counterpart.
     "csc-ctrl-grey": CSCConfig(
         in_channels=1,
