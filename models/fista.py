@@ -254,10 +254,10 @@ def rescaled_form(x: torch.Tensor, dictionary: torch.Tensor, lmbda_weights: torc
         return F.relu(v - t) if lasso.nonnegative else v - v.clamp(-t, t)
 
     synthesis = dictionary * w.view(-1, 1, 1, 1)  # D diag(w)
-    inverse = w.view(-1, 1, 1, 1)
+    atom_weights = w.view(-1, 1, 1, 1)
 
     def analysis(eta_k: torch.Tensor) -> torch.Tensor:
-        return eta_k * dictionary / inverse  # eta_k diag(1/w) D^T
+        return eta_k * dictionary / atom_weights  # eta_k diag(1/w) D^T
 
     gram_weights = (w.view(1, -1), w.view(-1, 1)) if lasso.pointwise else None
     return _folded(x, synthesis, analysis, eta, dictionary, prox, lasso, gram_weights) * multiplier
