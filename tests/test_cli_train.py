@@ -40,9 +40,10 @@ def test_eval_prints_psnr_and_sparsity(trained, capsys, tmp_path):
     args = ["eval", str(model), "--data", str(data), "--task", "denoise", "--sigma", "25", "--json", str(report)]
     assert main(args) == 0
     line = capsys.readouterr().out
-    assert "denoise sigma=25: PSNR" in line and "zero codes" in line
+    assert "denoise sigma=25: PSNR" in line and "zero codes" in line and "s per image" in line
     record = json.loads(report.read_text())
     assert record["images"] == 6 and len(record["per_image"]) == 6
+    assert record["seconds_per_image"] > 0
     assert record["psnr"] == pytest.approx(sum(record["per_image"]) / 6)
 
 
