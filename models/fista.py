@@ -175,7 +175,8 @@ def _iterate(
     ``gradient_step(y, k)`` and ``prox(v, k)`` are those of step ``k`` (0-based)."""
     z = prox(b, 0)  # step 1 starts from z_0 = y_1 = 0
     z_prev = z
-    for k, beta in enumerate(momentum[1:], start=1):
+    for k in range(1, len(momentum)):
+        beta = momentum[k - 1]  # beta_k of y_{k+1} = z_k + beta_k (z_k - z_{k-1}), 1-based k; beta_1 = 0
         y = z + beta * (z - z_prev) if beta else z
         z_prev = z
         z = prox(gradient_step(y, k), k)

@@ -2,6 +2,7 @@
 ONNX export and training."""
 
 import json
+import math
 
 import numpy as np
 import onnxruntime as ort
@@ -11,7 +12,6 @@ import torch.nn.functional as F
 
 from csc_serve.export import export_onnx
 from csc_serve.models import CSCAutoencoder, CSCLayer, StageConfig, fista_form
-from csc_serve.models.fista import fista_momentum
 from csc_serve.models.serialization import weights_sha256
 
 from .conftest import tiny_config
@@ -40,15 +40,18 @@ def _reference(layer: CSCLayer, x: torch.Tensor, scale: float) -> torch.Tensor:
     def prox(v, t):
         return F.relu(v - t) if layer.nonnegative else torch.sign(v) * F.relu(v.abs() - t)
 
-    betas = fista_momentum(layer.num_steps)
+    # Beck and Teboulle's schedule, written out: t_1 = 1, t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2,
+    # y_1 = z_0 = 0, y_{k+1} = z_k + (t_k - 1) / t_{k+1} (z_k - z_{k-1}).
+    t = 1.0
     y = torch.zeros_like(layer.analysis(x))
-    z = None
+    z = torch.zeros_like(y)
     for k in range(layer.num_steps):
         eta = eta0 * float(alpha[k])
         grad = layer.analysis(layer.decode(y)) - layer.analysis(x) + layer.mu * y
-        z_prev, z = (y if z is None else z), prox(y - eta * grad, eta * float(tau[k]) * layer.lmbda * w * scale)
-        if k + 1 < layer.num_steps:  # the momentum of csc_serve.models.fista._iterate
-            y = z + betas[k + 1] * (z - z_prev) if k else z
+        z_prev, z = z, prox(y - eta * grad, eta * float(tau[k]) * layer.lmbda * w * scale)
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        y = z + (t - 1.0) / t_next * (z - z_prev)
+        t = t_next
     return z
 
 
