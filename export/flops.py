@@ -14,7 +14,7 @@ multiply-add, whatever the boundary: circular padding pads before the convolutio
   step as one ``K x K`` matrix: ``2 K^2 h w`` per step after the first, in place of the pair.
 - ``decode``: one synthesis per stage.
 - ``reconstruct``: ``encode`` + ``decode``; with ``shift_average`` (and a total stride ``S > 1``) that of
-  the ``S^2`` shifted copies, each padded to ``(H + S) x (W + S)``.
+  the shifted copies (``S^2``, or ``(S / shift_step)^2``), each padded to ``(H + S) x (W + S)``.
 
 Images are padded up to a multiple of the total stride first, as the backends do.
 
@@ -75,7 +75,8 @@ def config_flops(config: CSCConfig, call: str, batch: int, height: int, width: i
     h, w = _align(height, s), _align(width, s)
     copies = 1
     if call == "reconstruct" and config.shift_average and s > 1:
-        copies, h, w = s * s, h + s, w + s  # every shift (dy, dx) pads dy + (s - dy) rows, dx + (s - dx) columns
+        # every shift (dy, dx) pads dy + (s - dy) rows, dx + (s - dx) columns
+        copies, h, w = len(config.shifts), h + s, w + s
     encode, decode = _per_image(config, h, w, form)
     per_image = {"encode": encode, "decode": decode, "reconstruct": encode + decode}[call]
     return batch * copies * per_image

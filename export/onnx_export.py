@@ -221,6 +221,7 @@ def export_onnx(
             "total_stride": config.total_stride,
             "num_steps": [s.num_steps for s in config.stages],
             "shift_average": config.shift_average,
+            "shifts": len(config.shifts),
         },
         "onnx": {
             "opset": opset,

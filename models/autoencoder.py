@@ -148,15 +148,16 @@ class CSCAutoencoder(nn.Module):
     def reconstruct(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None,
                     form: str | None = None) -> torch.Tensor:
         """``decode(encode(x))`` at the size of ``x``; with ``config.shift_average``, its mean over the
-        ``S^2`` shifts of ``x`` (``S = total_stride``): as one batch of ``S^2 B`` images when traced, a few
-        shifts per batch (``SHIFT_PASS_PIXELS``) in eager mode. ``form`` as for ``encode``."""
+        shifts of ``x`` in ``config.shifts`` (all ``S^2``, ``S = total_stride``, unless ``shift_step`` thins
+        them): as one batch of every copy when traced, a few shifts per batch (``SHIFT_PASS_PIXELS``) in
+        eager mode. ``form`` as for ``encode``."""
         form = resolve_form(form)
         size = tuple(x.shape[-2:])
         s = self.config.total_stride
         if not self.config.shift_average or s == 1:
             return self.decode(self.encode(x, lmbda_scale, form=form), output_size=size)
         self._check_images(x)
-        shifts = [(dy, dx) for dy in range(s) for dx in range(s)]
+        shifts = self.config.shifts
         scale, exporting = lmbda_scale, is_exporting()
         per_sample = isinstance(scale, torch.Tensor) and scale.dim() == 1 and (exporting or scale.shape[0] > 1)
         if per_sample and not exporting and scale.shape[0] != x.shape[0]:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -225,3 +226,38 @@ def test_csc_bench_runs_every_call_on_shift_averaged_models(which, shift_average
         s * s * (8 + s) ** 2 / 64 * (rows[("torch-eager", "encode")]["flops_per_pixel"]
                                      + rows[("torch-eager", "decode")]["flops_per_pixel"]))
     assert rows[("onnxruntime-cpu", "reconstruct")]["max_abs_diff_vs_eager"] < 1e-4
+
+
+def test_csc_bench_compares_several_models_on_the_same_cases(model_dir, tmp_path, monkeypatch, capsys):
+    import csc_serve.bench.backends as backends
+
+    monkeypatch.setattr(backends, "matmul_peak", lambda threads: 100.0)
+    stages = tuple(dataclasses.replace(s, num_steps=2 * s.num_steps) for s in tiny_config().stages)
+    torch.manual_seed(0)
+    CSCAutoencoder(tiny_config(stages=stages)).eval().save_pretrained(tmp_path / "more-steps")
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model_dir), str(tmp_path / "more-steps"), "--batches", "1", "--sizes", "16",
+                 "--calls", "encode,reconstruct", "--no-scaling", "--min-time", "0", "--threads", "1",
+                 "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "[1] " + str(tmp_path / "more-steps") in printed and "x [0]" in printed
+    report = json.loads(out.read_text())
+    first, second = report["models"]
+    assert [first["model"]["num_steps"], second["model"]["num_steps"]] == [[4, 3], [8, 6]]
+    rows = {(r["backend"], r["call"]): r for r in report["comparison"]}
+    assert set(rows) == {(b, c) for b in ("torch-eager", "onnxruntime-cpu") for c in ("encode", "reconstruct")}
+    for (backend, call), row in rows.items():
+        mine = [next(r for r in rep["results"] if (r["backend"], r["call"]) == (backend, call))
+                for rep in (first, second)]
+        assert [m["median_s"] for m in row["models"]] == [r["median_s"] for r in mine]
+        assert row["models"][1]["ratio_to_first"] == pytest.approx(mine[1]["median_s"] / mine[0]["median_s"])
+        assert row["models"][0]["ratio_to_first"] == 1.0
+        # Twice the FISTA steps: more convolution work per pixel, as the config counts it.
+        assert row["models"][1]["flops_per_pixel"] > row["models"][0]["flops_per_pixel"]
+
+
+def test_several_models_are_refused_where_one_is_benchmarked(model_dir):
+    result = subprocess.run([sys.executable, "-m", "csc_serve.cli", "bench", str(model_dir), str(model_dir),
+                             "--http"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "several models" in result.stderr and "Traceback" not in result.stderr

@@ -319,12 +319,12 @@ class Trainer:
 
     def _shifts(self, step: int) -> list[tuple[int, int]]:
         """The grid shifts averaged in step ``step`` (``train_shifts`` of them), or ``[]`` for the image as it is."""
-        s = self.model.config.total_stride
-        count = min(self.config.train_shifts, s * s)
-        if count < 2 or not self.model.config.shift_average:
+        grid = self.model.config.shifts
+        count = min(self.config.train_shifts, len(grid))
+        if count < 2:
             return []
         generator = torch.Generator().manual_seed(self.config.seed * 7_919 + step)
-        return [divmod(int(i), s) for i in torch.randperm(s * s, generator=generator)[:count]]
+        return [grid[int(i)] for i in torch.randperm(len(grid), generator=generator)[:count]]
 
     def _first_shift(self, images: torch.Tensor, shifts: list[tuple[int, int]]) -> torch.Tensor:
         """``images`` as the first drawn shift encodes them, so that their codes line up with ``Z``."""

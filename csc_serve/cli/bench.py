@@ -24,6 +24,10 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    models = args.model or ["csc-ctrl-rgb"]
+    if len(models) > 1 and (args.http is not None or args.extract is not None or args.artifacts):
+        raise ValueError("several models are compared on the backends only: drop --http, --extract and --artifacts")
+    args.model = models[0] if len(models) == 1 else models
     if args.http is not None:  # the HTTP service under load, not the backends
         from csc_serve.bench.http import run_from_args
 
@@ -32,14 +36,33 @@ def _bench(args: argparse.Namespace) -> None:
         from csc_serve.bench.extract import run_from_args as run_extract_bench
 
         return run_extract_bench(args)
-    from csc_serve.bench.backends import CALLS, BenchConfig, format_table, run_bench
+    from csc_serve.bench.backends import CALLS, format_table, run_bench
     from csc_serve.bench.timing import write_report
 
     unknown = sorted(set(args.calls) - set(CALLS))
     if unknown:
         raise ValueError(f"unknown call(s) {unknown}; choose from {', '.join(CALLS)}")
-    cfg = BenchConfig(
-        model=args.model,
+    reports = [run_bench(_config(args, model)) for model in models]
+    for report in reports:
+        if len(reports) > 1:
+            print(f"== {report['model']['source']}")
+        print(format_table(report))
+    if len(reports) == 1:
+        write_report(reports[0], args.json)
+    else:
+        from csc_serve.bench.compare import compare_reports, format_comparison
+
+        comparison = compare_reports(reports)
+        print(format_comparison(comparison))
+        write_report({"models": reports, "comparison": comparison}, args.json)
+    print(f"results: {args.json}")
+
+
+def _config(args: argparse.Namespace, model: str):
+    from csc_serve.bench.backends import BenchConfig
+
+    return BenchConfig(
+        model=model,
         backends=args.backends,
         batches=args.batches,
         sizes=args.sizes,
@@ -51,10 +74,6 @@ def _bench(args: argparse.Namespace) -> None:
         artifacts=args.artifacts,
         ablation=args.ablation,
     )
-    report = run_bench(cfg)
-    print(format_table(report))
-    write_report(report, args.json)
-    print(f"results: {args.json}")
 
 
 def add_bench(commands: argparse._SubParsersAction) -> None:
@@ -67,8 +86,9 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
         "model config) and GFLOP/s against the float32 matmul peak measured in the same run, reconstruction "
         "PSNR; then encode time against pixel count with a linear fit. Prints a table and writes JSON.",
     )
-    p.add_argument("model", metavar="MODEL", nargs="?", default="csc-ctrl-rgb",
-                   help=f"{MODEL_HELP} (default: csc-ctrl-rgb)")
+    p.add_argument("model", metavar="MODEL", nargs="*",
+                   help=f"{MODEL_HELP}; several: each runs the same cases in turn, then their times side by side "
+                   "(default: csc-ctrl-rgb)")
     p.add_argument("--backends", type=_name_list, default=(),
                    help="comma-separated: torch-eager, torch-compiled, torch-bfloat16, onnxruntime-cpu, "
                    "onnxruntime-cuda, tensorrt, torch-cuda, torch-cuda-compiled, torch-cuda-bfloat16 "
