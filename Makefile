@@ -1,15 +1,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU machines: the CPU build of torch 2.13.0 and onnxruntime. GPU machines: make EXTRAS=gpu,train,dev,serve,ray
-EXTRAS ?= cpu,train,dev,serve,ray
+# CPU machines: the CPU build of torch 2.13.0 and onnxruntime. GPU machines: make EXTRAS=gpu,train,dev,serve,ray,client
+EXTRAS ?= cpu,train,dev,serve,ray,client
 PORT ?= 3000
 # Every dependency at the version the tests last passed with (make lock writes it, and requirements-bento.txt).
 # torch is pinned there exactly and installed first: `pip install torch==2.13.0` takes the CPU build on disk here,
 # while any other torch spec would pull several GB of CUDA packages.
 LOCK := constraints.txt
 TORCH := torch==2.13.0
-LOCK_EXTRAS := cpu,train,dev,serve,ray
+LOCK_EXTRAS := cpu,train,dev,serve,ray,client
 LOCK_VENV := build/lock-venv
 
 .PHONY: test install serve lint lock clean

@@ -71,7 +71,7 @@ def main(extras: str) -> None:
           f"# Every dependency at the version the tests last passed with ({where}). Written by `make lock`:\n"
           f"# a fresh venv, `pip install torch==2.13.0` (the CPU build), `pip install -e \".[{extras}]\"` with\n"
           "# nothing pinned, the tests, then this file. Install with it as constraints, torch first:\n"
-          "#   pip install torch==2.13.0 && pip install -c constraints.txt -e \".[cpu,train,dev,serve,ray]\"\n",
+          "#   pip install torch==2.13.0 && pip install -c constraints.txt -e \".[cpu,train,dev,serve,ray,client]\"\n",
           list(pins.values()))
     bento = sorted(pins[name] for name in needed(PROJECT, BENTO_EXTRAS) - SKIP)
     write(ROOT / "requirements-bento.txt",
@@ -82,4 +82,4 @@ def main(extras: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "cpu,train,dev,serve,ray")
+    main(sys.argv[1] if len(sys.argv) > 1 else "cpu,train,dev,serve,ray,client")

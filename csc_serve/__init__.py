@@ -47,6 +47,7 @@ _EXPORTS = {
     "available_backends": "csc_serve.backends",
     "load_backend": "csc_serve.backends",
     "resolve_model": "csc_serve.model_store",
+    "Client": "csc_serve.client",
     "ExtractConfig": "csc_serve.extract",
     "load_features": "csc_serve.extract",
     "run_extract": "csc_serve.extract",

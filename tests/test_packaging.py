@@ -233,7 +233,7 @@ def test_lock_pins_every_dependency_torch_exactly_and_the_bento_the_same():
     assert [line for line in pins if line.lower().startswith("torch==")] == ["torch==2.13.0"]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    wanted = [*project["dependencies"], *(req for extra in ("cpu", "train", "dev", "serve", "ray")
+    wanted = [*project["dependencies"], *(req for extra in ("cpu", "train", "dev", "serve", "ray", "client")
                                            for req in extras[extra])]
     for requirement in wanted:
         name = canonical(re.match(r"[A-Za-z0-9._-]+", requirement).group(0))

@@ -242,7 +242,7 @@ def test_every_route_answers_malformed_bodies_with_a_documented_4xx(app, route, 
     headers, body, status = MALFORMED[case]
     answer = app.request("POST", route, content=body, headers={**AUTH, **headers})
     if status is None:  # a malformed multipart body: 400 where multipart is taken, 415 where it is not
-        status = 400 if ROUTES[route].files else 415
+        status = 400 if ROUTES[route].files or ROUTES[route].form else 415
     assert answer.status_code == status, answer.text
     assert answer.headers["content-type"] == "application/json" and set(answer.json()) == {"error"}
     assert "\n" not in answer.json()["error"]
@@ -315,6 +315,13 @@ def test_openapi_documents_every_endpoint_with_examples(app):
     assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
     assert set(spec["paths"]["/decode"]["post"]["responses"]["200"]["content"]) == {"image/png",
                                                                                    "application/octet-stream"}
+    assert set(spec["paths"]["/atoms"]["post"]["requestBody"]["content"]) == {"application/json",
+                                                                             "multipart/form-data"}
+    decode = spec["paths"]["/decode"]["post"]
+    assert {"keep", "drop"} <= set(decode["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"])
+    assert "X-CSC-Atoms-Kept" in decode["description"]
+    explain = spec["paths"]["/explain"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "lmbda_scale", "sigma", "atoms", "top"} <= set(explain["properties"])
     fields = spec["paths"]["/denoise"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert fields["properties"]["sigma"]["examples"] == [25.0] and fields["properties"]["sigma"]["maximum"] == 255
     assert fields["properties"]["sigma"]["nullable"] is True  # null: not given, the sigma is estimated

@@ -11,32 +11,15 @@ import torch
 from PIL import Image
 
 from csc_serve.models import CSCAutoencoder
+from csc_serve.models.explain import pixel_atoms
 from csc_serve.models.serialization import atomic_write
 
 
 @torch.no_grad()
 def effective_atoms(model: CSCAutoencoder, stage: int) -> torch.Tensor:
-    """Atom ``k`` of stage ``l`` in pixel space: ``D_1 ... D_l e_k``, shape ``(K_l, C, h, w)``.
-
-    For the first stage these are the dictionary filters themselves; deeper atoms are their synthesis
-    through the earlier dictionaries, which is what a unit code at that stage adds to the image.
-    """
-    layers = model.stages[: stage + 1]
-    # Receptive field in pixels: R_l = R_{l-1} + (k_l - 1) * S_{l-1}, with S the stride product so far.
-    span, stride = 1, 1
-    for layer in layers:
-        span += (layer.kernel_size - 1) * stride
-        stride *= layer.stride
-    half = span // 2
-    centre = -(-half // stride)  # code position whose atom lies wholly inside the image
-    num_atoms = layers[-1].num_atoms
-    codes = torch.zeros(num_atoms, num_atoms, 2 * centre + 1, 2 * centre + 1, dtype=layers[-1].dictionary.dtype)
-    codes[torch.arange(num_atoms), torch.arange(num_atoms), centre, centre] = 1.0
-    x = codes
-    for layer in reversed(layers):
-        x = layer.decode(x)
-    c = centre * stride  # a code at position m is centred on pixel m * stride
-    return x[..., c - half : c + half + 1, c - half : c + half + 1]
+    """Atom ``k`` of stage ``l`` in pixel space: ``D_1 ... D_l e_k``, shape ``(K_l, C, h, w)``; the atoms the
+    service's ``/atoms`` returns (``csc_serve.models.explain.pixel_atoms``)."""
+    return pixel_atoms(model, stage)
 
 
 def atom_grid(atoms: torch.Tensor, scale: int = 4, gap: int = 1) -> Image.Image:

@@ -1,4 +1,4 @@
-"""The BentoML service: encode, decode, reconstruct and denoise images over HTTP.
+"""The BentoML service: encode, decode, reconstruct and denoise images over HTTP, and show the atoms at work.
 
 ``bentoml serve`` from the repository root (``bentofile.yaml``) serves the bundled model on the fastest
 backend here. Another model: ``CSC_MODEL=DIR_OR_TAG bentoml serve`` or ``bentoml serve --arg model=...``
@@ -10,21 +10,24 @@ response headers beside the image or codes. Requests from concurrent clients sha
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import bentoml
+import numpy as np
 from bentoml.validators import ContentType
-from pydantic import Field, WithJsonSchema
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from csc_serve.model_store import store_reference
 from csc_serve.service.bodies import Route
 from csc_serve.service.codes import read_codes, to_sparse
 from csc_serve.service.guard import RequestGuard, use_cancelled_timeouts
 from csc_serve.service.metrics import metrics
-from csc_serve.service.payloads import RequestError, npy_bytes, png_bytes, read_image
+from csc_serve.service.payloads import RequestError, npy_bytes, png_bytes, read_image, read_keep_or_drop
 from csc_serve.service.settings import DEFAULT_MODEL, ServeSettings
+from csc_serve.service.ui import page_app
 
 ARGUMENTS = vars(bentoml.use_arguments())  # bentoml serve --arg name=value
 INLINE_BYTES = 1 << 17  # files and arrays up to this size are decoded and encoded on the event loop
@@ -35,6 +38,8 @@ ROUTES = {
     "/decode": Route(files=("codes",), answers=IMAGE_OR_NPY),
     "/reconstruct": Route(files=("image",), answers=IMAGE_OR_NPY),
     "/denoise": Route(files=("image",), answers=IMAGE_OR_NPY),
+    "/atoms": Route(answers=IMAGE_OR_NPY, form=True),
+    "/explain": Route(files=("image",), answers=("application/octet-stream",)),
     "/metadata": Route(waits_for_model=False),
 }
 
@@ -62,6 +67,10 @@ METADATA_EXAMPLE = {
     "process": {"pid": 4242, "rss_bytes": 480000000},
 }
 Metadata = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "example": METADATA_EXAMPLE})]
+# BentoML reads every form field as JSON first, so a list of one atom ("17") arrives as a number.
+AtomList = Annotated[str | None, BeforeValidator(lambda v: str(v) if type(v) in (int, float) else v)]
+ATOM_LIST = ("comma-separated last-stage atom indices or inclusive ranges, e.g. '3,17,40-43'; blank: not "
+             "given")
 BinaryFile = Annotated[Path, ContentType("application/octet-stream")]
 PngOrNpy = Annotated[Path, ContentType("image/png")]
 
@@ -132,9 +141,13 @@ class CSCService:
                                    "(default: the image_size stored with sparse codes, else h * stride)."),
         width: int | None = Field(None, ge=1, strict=True, examples=[321], description="Crop the image to this width."),
         output: Literal["png", "npy"] = IMAGE_OUTPUT,
+        keep: AtomList = Field(None, examples=["3,17,40-43"], description="Synthesise these atoms only: "
+                               f"{ATOM_LIST}. At most one of keep and drop."),
+        drop: AtomList = Field(None, examples=["0-7"], description=f"Leave these atoms out: {ATOM_LIST}."),
     ) -> PngOrNpy:
-        """The image synthesised from last-stage codes. Header: X-CSC-Image-Size (H,W)."""
-        return await self._answer(self._decode(codes, height, width, output))
+        """The image synthesised from last-stage codes; with keep or drop, the codes of the atoms not kept (or
+        dropped) are zero first. Headers: X-CSC-Image-Size (H,W), X-CSC-Atoms-Kept (atoms left in)."""
+        return await self._answer(self._decode(codes, height, width, output, keep, drop))
 
     @bentoml.api
     async def reconstruct(
@@ -167,6 +180,52 @@ class CSCService:
         (given | estimated | none), X-CSC-Lmbda-Scale.
         """
         return await self._answer(self._denoise(image, sigma, lmbda_scale, output))
+
+    @bentoml.api
+    async def atoms(
+        self,
+        stage: int | None = Field(None, ge=0, strict=True, examples=[1], description="Encoder stage, from 0 "
+                                  "(default: the last, whose atoms the served codes weigh)."),
+        output: Literal["png", "npy"] = Field("png", examples=["png", "npy"], description="'png': a grid of the "
+                                              "atoms; 'npy': the float32 (K, C, h, w) array."),
+    ) -> PngOrNpy:
+        """The dictionary atoms of one stage in pixel space (deeper atoms synthesised through the earlier
+        dictionaries, as `csc viz` draws them), without the input mean; computed once per stage.
+
+        npy: float32 (K, C, h, w), atom k first. png: the atoms row-major in index order on a rows x cols grid,
+        each stretched to the full range on its own, 1 white pixel between neighbours and none around the
+        edge (atom r*cols + c at top r*(h+1), left c*(w+1)). Headers: X-CSC-Atoms (K), X-CSC-Atom-Size (h,w),
+        X-CSC-Grid (rows,cols; png only), X-CSC-Stage (the stage shown).
+        """
+        return await self._answer(self._atoms(stage, output))
+
+    @bentoml.api
+    async def explain(
+        self,
+        image: Path = IMAGE_FIELD,
+        lmbda_scale: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True, examples=[1.0],
+                                          description="Threshold scale (default 1.0, or the one for sigma)."),
+        sigma: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, strict=True, examples=[25.0],
+                                    description="Use the lmbda_scale calibrated for this noise level (0..255), "
+                                    "as /denoise does. At most one of sigma and lmbda_scale."),
+        atoms: AtomList = Field(None, examples=["3,17,40-43"], description=f"The atoms to split out: {ATOM_LIST}; "
+                                "at most 64 (default: the 'top' strongest, at most 64)."),
+        top: int = Field(16, ge=1, strict=True, examples=[16], description="How many of the strongest atoms to "
+                         "rank (at most K; larger values rank all K)."),
+    ) -> BinaryFile:
+        """The reconstruction split atom by atom: what each last-stage atom adds to the image.
+
+        The body is an .npz archive readable with numpy.load(..., allow_pickle=False): energy float64 (K,)
+        (sum of |code| per atom), top int64 (atoms by decreasing energy), atoms int64 (n,) (those split out,
+        sorted), activations float32 (n, h, w) (their codes, as /encode returns them), contributions float32
+        (n, C, H, W) (each atom's part of the reconstruction; for shift-averaged models the mean over the
+        shifts /reconstruct averages), base float32 (C, H, W) (the input mean), reconstruction (C, H, W)
+        (= base + the contributions of all K atoms), partial (base + the listed atoms' contributions), without
+        (reconstruction less them), lmbda_scale float64, sigma float64 (nan when not given), image_size int64.
+        Headers: X-CSC-Lmbda-Scale, X-CSC-Sparsity (fraction of zero last-stage codes), X-CSC-Top (the top
+        atoms, comma-separated), X-CSC-PSNR (reconstruction against the input, dB).
+        """
+        return await self._answer(self._explain(image, lmbda_scale, sigma, atoms, top))
 
     @bentoml.api
     async def metadata(self) -> Metadata:
@@ -211,14 +270,20 @@ class CSCService:
                                          result.sparsity, result.lmbda_scale, value_dtype), "codes.npz"
         return body, "application/octet-stream", name, headers
 
-    async def _decode(self, codes: Path, height: int | None, width: int | None, output: str):
+    async def _decode(self, codes: Path, height: int | None, width: int | None, output: str, keep: str | None,
+                      drop: str | None):
         channels, cap = self.engine.config.code_channels, self.settings.max_code_values
+        mask = read_keep_or_drop(keep, drop, channels)
         array, size = await _off_loop(codes.stat().st_size, lambda: read_codes(codes.read_bytes(), channels, cap))
+        if mask is not None:
+            array = await _off_loop(array.nbytes, np.multiply, array, mask[:, None, None])
         if size is None:  # a dense array carries no image size: the whole stride grid
             size = (array.shape[1] * self.engine.stride, array.shape[2] * self.engine.stride)
         size = (height or size[0], width or size[1])
         image = await self.engine.decode(array, size)
-        return await self._image_body(image, output, "decoded", {"X-CSC-Image-Size": f"{size[0]},{size[1]}"})
+        headers = {"X-CSC-Image-Size": f"{size[0]},{size[1]}",
+                   "X-CSC-Atoms-Kept": str(channels if mask is None else int(np.count_nonzero(mask)))}
+        return await self._image_body(image, output, "decoded", headers)
 
     async def _reconstruct(self, image: Path, lmbda_scale: float, output: str):
         result = await self.engine.reconstruct(await self._read_image(image), lmbda_scale)
@@ -234,12 +299,45 @@ class CSCService:
             headers["X-CSC-Sigma"] = _number(result.sigma)
         return await self._image_body(result.image, output, "denoised", headers)
 
+    async def _atoms(self, stage: int | None, output: str):
+        result = await self.engine.atoms(stage)
+        k, _, h, w = result.atoms.shape
+        headers = {"X-CSC-Atoms": str(k), "X-CSC-Atom-Size": f"{h},{w}", "X-CSC-Stage": str(result.stage)}
+        if output == "npy":
+            return npy_bytes(result.atoms), "application/octet-stream", f"atoms_stage{result.stage}.npy", headers
+        headers["X-CSC-Grid"] = ",".join(map(str, result.layout))
+        body = await _off_loop(result.grid.nbytes, png_bytes, result.grid[None] if result.grid.ndim == 2
+                               else result.grid.transpose(2, 0, 1), (0, 255))
+        return body, "image/png", f"atoms_stage{result.stage}.png", headers
+
+    async def _explain(self, image: Path, lmbda_scale: float | None, sigma: float | None, atoms: str | None,
+                       top: int):
+        source = await self._read_image(image)
+        result = await self.engine.explain(source, lmbda_scale, sigma, atoms, top)
+        headers = {"X-CSC-Lmbda-Scale": _number(result.lmbda_scale), "X-CSC-Sparsity": f"{result.sparsity:.6f}",
+                   "X-CSC-Top": ",".join(map(str, result.top)), "X-CSC-PSNR": f"{result.psnr:.4f}"}
+        body = await asyncio.to_thread(_explain_npz, result, source.shape[1:])
+        return body, "application/octet-stream", "explain.npz", headers
+
     async def _image_body(self, image, output: str, stem: str, headers: dict[str, str]):
         if output == "npy":
             body = await _off_loop(image.nbytes, npy_bytes, image)
             return body, "application/octet-stream", f"{stem}.npy", headers
         body = await _off_loop(image.nbytes, png_bytes, image, self.engine.config.value_range)
         return body, "image/png", f"{stem}.png", headers
+
+
+def _explain_npz(result, image_size: tuple[int, int]) -> bytes:
+    """The /explain answer: the arrays its docstring lists, in an uncompressed .npz."""
+    e = result.explanation
+    listed = e.contributions.sum(axis=0)  # (C, H, W); zeros when no atom is listed
+    out = io.BytesIO()
+    np.savez(out, energy=e.energy, top=result.top, atoms=e.atoms, activations=e.codes[e.atoms],
+             contributions=e.contributions, base=e.base, reconstruction=e.reconstruction, partial=e.base + listed,
+             without=e.reconstruction - listed, lmbda_scale=np.float64(result.lmbda_scale),
+             sigma=np.float64(np.nan if result.sigma is None else result.sigma),
+             image_size=np.array(image_size, np.int64))
+    return out.getvalue()
 
 
 async def _off_loop(size: int, work, *args):
@@ -256,3 +354,5 @@ def _number(value: float) -> str:
 
 CSCService.add_asgi_middleware(RequestGuard, settings=_settings_from_env, routes=ROUTES)
 use_cancelled_timeouts()
+# The browser page at /ui/ (files open like /docs.json; its API calls carry the token). / stays BentoML's docs.
+CSCService.mount_asgi_app(page_app(), path="/ui", name="ui")

@@ -1,6 +1,7 @@
 """What each endpoint takes, and the check of a request body against it before BentoML parses it.
 
-An endpoint with file fields takes ``multipart/form-data`` only, the others ``application/json`` or no body.
+An endpoint with file fields takes ``multipart/form-data`` only, the others ``application/json`` or no body,
+and those marked ``form`` their plain fields as ``multipart/form-data`` as well.
 A multipart body is parsed here by python-multipart, the parser Starlette uses, with Starlette's limits: no
 boundary, a broken part, a part without a name or a truncated body (400), a form field over 1 MiB (413) would
 otherwise fail inside BentoML's form parsing with a 500. Each file field must be an uploaded file part and no
@@ -33,6 +34,7 @@ class Route:
     files: tuple[str, ...] = ()  # its file fields: it takes multipart/form-data; none: JSON or no body
     answers: tuple[str, ...] = ("application/json",)  # the media types of its 200 answer
     waits_for_model: bool = True  # 503 until the model is ready, when it failed to load, or the queue is full
+    form: bool = False  # without files: takes its fields as multipart/form-data too, beside JSON
 
 
 
@@ -41,10 +43,12 @@ def check_body(content_type: str, body: bytes, route: Route) -> tuple[int, str] 
     kind, options = parse_options_header(content_type)
     shown = kind.decode("latin-1") or "none"
     if not route.files:
-        if kind not in JSON_TYPES:
-            return 415, f"send application/json, or no body (got content type {shown})"
-        return None
-    if kind != b"multipart/form-data":
+        if kind in JSON_TYPES:
+            return None
+        if not (route.form and kind == b"multipart/form-data"):
+            also = ", multipart/form-data" if route.form else ""
+            return 415, f"send application/json{also}, or no body (got content type {shown})"
+    elif kind != b"multipart/form-data":
         return 415, f"send multipart/form-data with the file in field '{route.files[0]}' (got content type {shown})"
     boundary = options.get(b"boundary")
     if not boundary:
@@ -131,7 +135,8 @@ class _FormCheck:
             raise _Refused(400, f"field '{self.name}' must be an uploaded file (curl -F {self.name}=@FILE); "
                                 "URLs are never fetched")
         if not self.plain and self.name not in self.files:
-            raise _Refused(400, f"field '{self.name}' takes no file (the file goes in '{self.files[0]}')")
+            where = f"the file goes in '{self.files[0]}'" if self.files else "this endpoint takes no file"
+            raise _Refused(400, f"field '{self.name}' takes no file ({where})")
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         self.data += data[start:end]

@@ -1,7 +1,8 @@
 """The serving engine: one model, its backend and the batcher, behind per-image coroutines.
 
 ``Engine`` answers ``encode``, ``decode``, ``reconstruct`` and ``denoise`` for one float32 ``(C, H, W)``
-image (or ``(K, h, w)`` codes) per call. Calls are coroutines: any number of them, from any event loop,
+image (or ``(K, h, w)`` codes) per call, and ``atoms`` and ``explain`` from the PyTorch model
+(``csc_serve.models.explain``) in a worker thread. Calls are coroutines: any number of them, from any event loop,
 wait on the batcher without holding a thread, and meet there in batches (``csc_serve.service.batches``).
 Images larger than ``tile_size^2`` pixels become overlapping tiles (``csc_serve.service.tiling``) batched like any
 other image. The engine knows nothing of HTTP; ``csc_serve.service.api`` decodes requests into these calls. Bad
@@ -24,13 +25,14 @@ from csc_serve.model_store import resolve_source
 from csc_serve.models.metrics import psnr
 from csc_serve.service.batches import Work, run_batch
 from csc_serve.service.batching import Batcher, QueueFull
-from csc_serve.service.payloads import RequestError
+from csc_serve.service.payloads import RequestError, read_atom_list
 from csc_serve.service.settings import ServeSettings
 from csc_serve.service.tiling import can_tile, pad_to_stride, plan_tiles, receptive_margin
 
 logger = logging.getLogger("csc_serve")
 
 WARMUP_SIZE = 64
+MAX_EXPLAINED_ATOMS = 64  # atoms whose contributions one /explain answer may hold
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,24 @@ class ImageResult:
     sigma_source: str | None = None  # "given", "estimated", or None when lmbda_scale was given
 
 
+@dataclass(frozen=True)
+class AtomsResult:
+    stage: int
+    atoms: np.ndarray  # (K, C, h, w) float32: the stage's atoms in pixel space
+    grid: np.ndarray  # uint8 (rows*h + rows-1, cols*w + cols-1[, 3]): the atoms tiled, 1-pixel separators
+    layout: tuple[int, int]  # (rows, cols) of the grid
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    explanation: object  # csc_serve.models.explain.Explanation
+    top: np.ndarray  # int64: atom indices by decreasing energy
+    lmbda_scale: float
+    sigma: float | None  # the sigma given, if one was
+    sparsity: float  # fraction of zero last-stage codes
+    psnr: float  # dB, of the reconstruction (clipped to [0, 1]) against the input
+
+
 class Engine:
     def __init__(self, settings: ServeSettings):
         from csc_serve.models.serialization import read_config
@@ -64,6 +84,8 @@ class Engine:
         self.model = self.backend = self.batcher = None
         self.error: str | None = None
         self._ready = threading.Event()
+        self._atoms: dict[int, AtomsResult] = {}  # per stage, computed on first request
+        self._explaining = threading.Lock()  # one explanation at a time: each uses every core it is given
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self, background: bool = True) -> Engine:
@@ -201,6 +223,67 @@ class Engine:
         _count("denoise")
         return ImageResult(out, scale, sigma=sigma, sigma_source=source)
 
+    async def atoms(self, stage: int | None = None) -> AtomsResult:
+        """The atoms of ``stage`` (default: the last) in pixel space and as a grid, computed once per stage."""
+        self._require_ready()
+        last = len(self.config.stages) - 1
+        stage = last if stage is None else int(stage)
+        if not 0 <= stage <= last:
+            raise RequestError(f"stage must lie in [0, {last}] (the model has {last + 1} stages), got {stage}")
+        if stage not in self._atoms:
+            self._atoms[stage] = await asyncio.to_thread(self._draw_atoms, stage)
+        _count("atoms")
+        return self._atoms[stage]
+
+    def _draw_atoms(self, stage: int) -> AtomsResult:
+        import torch
+
+        from csc_serve.models.explain import atom_grid, pixel_atoms
+
+        with torch.inference_mode():
+            atoms = pixel_atoms(self.model, stage).float().numpy()
+        grid, layout = atom_grid(atoms)
+        return AtomsResult(stage, atoms, grid, layout)
+
+    async def explain(self, image: np.ndarray, lmbda_scale: float | None = None, sigma: float | None = None,
+                      atoms: str | None = None, top: int = 16) -> ExplainResult:
+        """The reconstruction at ``lmbda_scale`` (or the scale calibrated for ``sigma``; neither: 1) split by
+        atom: the contributions of the listed ``atoms`` (default: the ``top`` ones, at most 64), and every
+        atom's energy. ``top`` above the number of atoms means all of them."""
+        self._require_ready()
+        if sigma is not None and lmbda_scale is not None:
+            raise RequestError("give sigma or lmbda_scale, not both")
+        num_atoms = self.config.code_channels
+        chosen = read_atom_list(atoms, num_atoms, "atoms", MAX_EXPLAINED_ATOMS)
+        if sigma is not None:
+            sigma = self.check_sigma(sigma)
+            lmbda_scale = self.scale_for_sigma(sigma)
+        scale = self.check_scale(1.0 if lmbda_scale is None else lmbda_scale)
+        if int(top) < 1:
+            raise RequestError(f"top must be at least 1, got {top}")
+        top = min(int(top), num_atoms)
+        count = (min(top, MAX_EXPLAINED_ATOMS) if chosen is None else len(chosen)) * image.size
+        if count > self.settings.max_explain_values:
+            raise RequestError(f"image: the contributions of {count // image.size} atoms would hold {count} "
+                               f"values, beyond the cap of {self.settings.max_explain_values}", status=413)
+        explanation = await asyncio.to_thread(self._explain, image, chosen, scale, min(top, MAX_EXPLAINED_ATOMS))
+        _count("explain")
+        codes = explanation.codes
+        return ExplainResult(explanation, np.argsort(-explanation.energy, kind="stable")[:top].astype(np.int64),
+                             scale, sigma, sparsity=1.0 - np.count_nonzero(codes) / codes.size,
+                             psnr=psnr(explanation.reconstruction, image, clip=True))
+
+    def _explain(self, image: np.ndarray, atoms: np.ndarray | None, scale: float, strongest: int):
+        import torch
+
+        from csc_serve.models.explain import explain
+
+        with self._explaining, torch.inference_mode():
+            try:
+                return explain(self.model, image, atoms, scale, strongest=strongest)
+            except ValueError as err:  # an image the model cannot take (too small for a circular boundary)
+                raise RequestError(f"image: {' '.join(str(err).split())}") from None
+
     # ----------------------------------------------------------------------------- checks
     def check_scale(self, value: float) -> float:
         value = float(value)
@@ -284,4 +367,4 @@ def _count(what: str, amount: int = 1) -> None:
     (m.tiles if what == "tiles" else m.images.labels(endpoint=what)).inc(amount)
 
 
-__all__ = ["Engine", "EncodeResult", "ImageResult", "Work"]
+__all__ = ["AtomsResult", "Engine", "EncodeResult", "ExplainResult", "ImageResult", "Work"]

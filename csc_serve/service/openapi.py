@@ -34,6 +34,9 @@ def document(spec: dict[str, Any], routes: Mapping[str, Route], settings: ServeS
                                                for status, text in sorted(_statuses(route, settings).items())}}
         if route.files and "requestBody" in operation:
             operation["requestBody"]["required"] = True  # a form holding the file; no body is a 415
+        content = operation.get("requestBody", {}).get("content", {})
+        if route.form and "application/json" in content:
+            content.setdefault("multipart/form-data", content["application/json"])
         for body in operation.get("requestBody", {}).get("content", {}).values():
             for field in body.get("schema", {}).get("properties", {}).values():
                 if "default" in field and field["default"] is None and "type" in field:
@@ -73,6 +76,7 @@ def _statuses(route: Route, settings: ServeSettings) -> dict[int, str]:
         caps += (f", or the image over {settings.max_pixels} pixels (CSC_MAX_PIXELS) or its codes over "
                  f"{settings.max_code_values} values (CSC_MAX_CODE_VALUES)")
     wanted = (f"multipart/form-data with the file in '{route.files[0]}'" if route.files
+              else "application/json, multipart/form-data, or no body" if route.form
               else "application/json, or no body")
     statuses = {
         400: "Bad request: a field fails validation, a file is not readable as what it should be, or the body is "

@@ -161,5 +161,32 @@ def png_bytes(image: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) 
     return out.getvalue()
 
 
+# ----------------------------------------------------------------------------- atom lists
+def read_atom_list(text: str | None, num_atoms: int, what: str, limit: int | None = None) -> np.ndarray | None:
+    """A list of last-stage atoms such as ``"3,17,40-43"`` as sorted unique int64 indices, ``None`` when the
+    field is absent or blank; ``RequestError`` for a malformed list, an index out of range or over ``limit``."""
+    from csc_serve.models.explain import parse_atoms
+
+    if text is None or not text.strip():
+        return None
+    try:
+        return parse_atoms(text, num_atoms, limit)
+    except ValueError as err:
+        raise RequestError(f"{what}: {_one_line(err)}") from None
+
+
+def read_keep_or_drop(keep: str | None, drop: str | None, num_atoms: int) -> np.ndarray | None:
+    """The float32 ``(K,)`` mask of ``/decode``'s ``keep`` or ``drop`` list (1: the atom stays), ``None`` when
+    neither is given; ``RequestError`` for a bad list or both."""
+    from csc_serve.models.explain import atom_mask
+
+    kept, dropped = read_atom_list(keep, num_atoms, "keep"), read_atom_list(drop, num_atoms, "drop")
+    if kept is not None and dropped is not None:
+        raise RequestError("give keep or drop, not both")
+    if kept is None and dropped is None:
+        return None
+    return atom_mask(kept, num_atoms) if dropped is None else atom_mask(dropped, num_atoms, keep=False)
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__

@@ -41,6 +41,7 @@ class ServeSettings:
     max_body_bytes: int = 64 << 20  # request bodies beyond this are refused (413)
     max_pixels: int = 1 << 22  # images beyond this many pixels are refused (413)
     max_code_values: int = 1 << 26  # code arrays (K * h * w) beyond this are refused (413)
+    max_explain_values: int = 1 << 24  # /explain contributions (atoms * C * H * W) beyond this are refused (413)
     tile_size: int = 512  # images beyond tile_size^2 pixels are processed in tiles of this size
     max_lmbda_scale: float = 100.0
     token: str | None = None  # bearer token required on every POST when set
@@ -54,7 +55,7 @@ class ServeSettings:
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
         for name in ("max_batch_size", "max_batch_pixels", "max_queue", "max_body_bytes", "max_pixels",
-                     "max_code_values", "tile_size"):
+                     "max_code_values", "max_explain_values", "tile_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
