@@ -130,7 +130,7 @@ def explain(model: CSCAutoencoder, image: np.ndarray | torch.Tensor, atoms: np.n
     """The codes of ``image`` ``(C, H, W)``, its reconstruction at ``lmbda_scale`` (as ``model.reconstruct``:
     shift-averaged where the model says so), and the contributions of ``atoms`` (last-stage indices) to it;
     ``atoms=None``: of the ``strongest`` atoms by energy (ties to the lower index), in index order."""
-    x = torch.as_tensor(np.asarray(image, np.float32))[None]  # (1, C, H, W)
+    x = torch.as_tensor(np.array(image, np.float32))[None]  # (1, C, H, W), a copy: the input may be read-only
     size = tuple(x.shape[-2:])
     s = model.config.total_stride
     averaged = model.config.shift_average and s > 1

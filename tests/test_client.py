@@ -25,7 +25,7 @@ from csc_serve.client import (
 )
 from csc_serve.service.process import ServerProcess, free_port
 from tests import test_service_http as http
-from tests.test_service_http import ROOT, SAME_TOL, as_array, image, npy, png, post
+from tests.test_service_http import ROOT, SAME_TOL, K, as_array, image, npy, png, post
 
 # The module-scoped server of tests/test_service_http.py (a server of this module's own, started the same way),
 # and the exported graphs it serves, loaded in this process.
@@ -67,13 +67,13 @@ def test_encode_gives_dense_or_sparse_codes_equal_to_the_raw_answer(client, serv
     x = noisy()
     dense = client.encode(x)
     raw = as_array(post(server, "/encode", files={"image": ("x.npy", npy(x))}, data={"output": "npy"}))
-    assert dense.dtype == np.float32 and dense.shape == (96, 10, 14)  # stride 4: 40x56 -> 10x14
+    assert dense.dtype == np.float32 and dense.shape == (K, 10, 14)  # stride 4: 40x56 -> 10x14
     np.testing.assert_array_equal(dense, raw)
     np.testing.assert_allclose(dense, backend.encode(x[None], 1.0)[0], atol=SAME_TOL, rtol=0)
 
     sparse = client.encode(x, lmbda_scale=2.0, sparse=True)
     assert isinstance(sparse, SparseCodes)
-    assert sparse.shape == (96, 10, 14) and sparse.image_size == (40, 56) and sparse.lmbda_scale == 2.0
+    assert sparse.shape == (K, 10, 14) and sparse.image_size == (40, 56) and sparse.lmbda_scale == 2.0
     assert len(sparse.sparsity) == 2 and sparse.indices.size == np.count_nonzero(sparse.dense())
     np.testing.assert_allclose(sparse.dense(), backend.encode(x[None], 2.0)[0], atol=SAME_TOL, rtol=0)
     again = SparseCodes.from_npz(sparse.to_npz())
@@ -145,7 +145,7 @@ def test_metadata_names_the_served_model(client):
 def test_atoms_equal_the_raw_answer_for_the_last_and_a_named_stage(client, server):
     last = client.atoms()
     raw = post(server, "/atoms", json={"output": "npy"})
-    assert last.dtype == np.float32 and last.ndim == 4 and last.shape[:2] == (96, 3)
+    assert last.dtype == np.float32 and last.ndim == 4 and last.shape[:2] == (K, 3)
     np.testing.assert_array_equal(last, as_array(raw))
     first = client.atoms(stage=0)
     stage = client.metadata()["model"]["config"]["stages"][0]
@@ -175,7 +175,7 @@ def test_decode_keep_and_drop_zero_the_codes_of_the_other_atoms(client, server):
     with pytest.raises(ValueError, match="not both"):
         client.decode(codes, keep=[1], drop=[2])
     with pytest.raises(ServiceError) as caught:
-        client.decode(codes, keep=[96])
+        client.decode(codes, keep=[K])
     assert caught.value.status == 400
 
 

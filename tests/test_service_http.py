@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from csc_serve.backends import load_backend
+from csc_serve.models.serialization import read_config
 from csc_serve.service.process import ServerProcess
 from csc_serve.service.tiling import TILE_TOLERANCE
 
@@ -31,6 +32,8 @@ LIMITS = {"CSC_TILE_SIZE": "64", "CSC_MAX_PIXELS": str(300 * 300), "CSC_MAX_BODY
 # The server and this process run the same exported graphs; batching, tiling and process boundaries may only
 # reorder float32 sums.
 SAME_TOL = 1e-5
+# Atoms of the bundled model's last stage: the channels of its codes.
+K = read_config(ROOT / "models" / "pretrained" / "csc-ctrl-rgb")[0].code_channels
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +93,18 @@ def test_bentoml_client_encodes_decodes_reconstructs_and_denoises(server, backen
         assert Image.open(denoised).size == (56, 40)
         codes = client.encode(image=source, lmbda_scale=2.0)
         with np.load(codes, allow_pickle=False) as f:
-            # 96 atoms on a stride-4 grid: 40x56 pixels give 10x14 code positions.
-            assert tuple(f["shape"]) == (96, 10, 14) and tuple(f["image_size"]) == (40, 56)
+            # K atoms on a stride-4 grid: 40x56 pixels give 10x14 code positions.
+            assert tuple(f["shape"]) == (K, 10, 14) and tuple(f["image_size"]) == (40, 56)
             assert f["sparsity"].shape == (2,) and float(f["lmbda_scale"]) == 2.0
-            assert f["indices"].size < 96 * 10 * 14 / 2  # sparse codes: the format pays off
-            dense = np.zeros(96 * 10 * 14, np.float32)
+            assert f["indices"].size < K * 10 * 14 / 2  # sparse codes: the format pays off
+            dense = np.zeros(K * 10 * 14, np.float32)
             dense[f["indices"]] = f["values"]
         decoded = client.decode(codes=codes)
         reconstructed = client.reconstruct(image=source, lmbda_scale=2.0)
         a, b = (np.asarray(Image.open(p), dtype=int) for p in (decoded, reconstructed))
         x = np.asarray(Image.open(source), dtype=np.float32).transpose(2, 0, 1)[None] / 255
         # decode is the synthesis of the codes; reconstruct averages that over the 16 shifts of the grid.
-        plain = backend.decode(dense.reshape(1, 96, 10, 14), output_size=(40, 56))[0]
+        plain = backend.decode(dense.reshape(1, K, 10, 14), output_size=(40, 56))[0]
         assert a.shape == (40, 56, 3) and np.abs(a - np.clip(plain, 0, 1).transpose(1, 2, 0) * 255).max() <= 1
         averaged = backend.reconstruct(x, 2.0)[0]
         assert np.abs(b - np.clip(averaged, 0, 1).transpose(1, 2, 0) * 255).max() <= 1
@@ -177,8 +180,8 @@ BAD = [
     ("bomb", "/denoise", {"files": {"image": ("bomb.png", _bomb())}}, 413),
     ("oversized-body", "/denoise", {"files": {"image": ("big.npy", b"\x00" * (3 << 20))}}, 413),
     ("codes-wrong-shape", "/decode", {"files": {"codes": ("c.npy", npy(np.zeros((74, 4, 4), np.float32)))}}, 400),
-    ("codes-wrong-dtype", "/decode", {"files": {"codes": ("c.npy", npy(np.zeros((96, 4, 4), np.int16)))}}, 400),
-    ("codes-inf", "/decode", {"files": {"codes": ("c.npy", npy(np.full((96, 4, 4), np.inf, np.float32)))}}, 400),
+    ("codes-wrong-dtype", "/decode", {"files": {"codes": ("c.npy", npy(np.zeros((K, 4, 4), np.int16)))}}, 400),
+    ("codes-inf", "/decode", {"files": {"codes": ("c.npy", npy(np.full((K, 4, 4), np.inf, np.float32)))}}, 400),
     ("image-nan", "/encode", {"files": {"image": ("a.npy", npy(np.full((3, 8, 8), np.nan, np.float32)))}}, 400),
     ("sigma-out-of-range", "/denoise", {"files": {"image": ("a.png", GOOD)}, "data": {"sigma": "256"}}, 400),
     ("sigma-negative", "/denoise", {"files": {"image": ("a.png", GOOD)}, "data": {"sigma": "-1"}}, 400),

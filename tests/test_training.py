@@ -250,3 +250,8 @@ def test_sparsest_reconstruction_scale_is_the_largest_meeting_the_target():
     scale = sparsest_reconstruction_scale(model, images, target)
     assert scale > 1.5 and quality(scale) >= target > quality(scale * 1.05)
     assert sparsest_reconstruction_scale(model, images, quality(1.0) + 1.0) == 1.0
+    # Thresholds a hundredth as large: the target is met only far above scale 1, and the search gets there.
+    for stage in model.stages:
+        stage.lmbda_weights.data.mul_(0.01)
+    scale = sparsest_reconstruction_scale(model, images, target)
+    assert scale > 150 and quality(scale) >= target > quality(scale * 1.05)

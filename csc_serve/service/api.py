@@ -57,7 +57,7 @@ METADATA_EXAMPLE = {
     "ready": True, "error": None,
     "model": {"reference": "csc-ctrl-rgb", "kind": "bundled", "tag": None, "directory": "<hidden>",
               "weights_sha256": "75edbc16...", "config": {"in_channels": 3, "stages": ["..."]}, "total_stride": 4,
-              "code_channels": 96, "tile_margin": 84},
+              "code_channels": 128, "tile_margin": 60},
     "backend": {"backend": "onnxruntime", "device": "cpu", "precision": "float32", "threads": 2,
                 "artifacts": "<hidden>"},
     "artifacts": {"directory": "<hidden>", "onnx": {"encode": "2ef39b56..."}},
