@@ -74,6 +74,18 @@ def test_resume_from_the_command_line(trained, tmp_path):
     assert provenance["train_config"]["iterations"] == 5 and provenance["checkpoint_step"] == 5
 
 
+def test_a_run_from_another_model_records_its_command_and_the_models_history(trained, tmp_path):
+    data, first = trained
+    first_provenance = json.loads((first / "config.json").read_text())["architecture"]["provenance"]
+    out = tmp_path / "second"
+    args = ["train", "--data", str(data), "--out", str(out), "--init", str(first), *TINY]
+    assert main(args) == 0
+    provenance = json.loads((out / "config.json").read_text())["architecture"]["provenance"]
+    assert provenance["command"] == " ".join(["csc", *args])
+    assert provenance["init"] == {"model": str(first), **first_provenance}
+    assert provenance["command"] != first_provenance["command"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -158,9 +158,11 @@ def train(
     init: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    command: str | None = None,
 ) -> Path:
     """Train and write the model to ``config.out``; returns that directory. On SIGINT or SIGTERM, writes a
-    checkpoint after the current step and raises ``TrainingInterrupted``."""
+    checkpoint after the current step and raises ``TrainingInterrupted``. ``command`` (the command line) goes
+    into the provenance of a run started from ``init``, whose own provenance is kept under ``"init"``."""
     device = resolve_device(config.device)  # before anything is written: a missing device leaves no trace
     init_distributed(device)
     rank, world = _world()
@@ -176,6 +178,10 @@ def train(
         model = load_pretrained(checkpoint / "model").train()
     elif init is not None:
         model = load_pretrained(init).train()
+        provenance = {"init": {"model": str(init), **model.config.provenance}}
+        if command:
+            provenance = {"command": command, **provenance}
+        model.config = dataclasses.replace(model.config, provenance=provenance)
     elif model_config is not None:
         model = CSCAutoencoder(model_config).train()
     else:

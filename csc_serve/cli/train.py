@@ -73,13 +73,14 @@ def _train(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.arch}: {err}") from None
     elif not args.init and not args.resume:
         arch = PRESETS[args.preset]
+    command = " ".join(["csc", *args.argv])
     if arch is not None:
-        arch = dataclasses.replace(arch, provenance={"command": " ".join(["csc", *sys.argv[1:]])})
+        arch = dataclasses.replace(arch, provenance={"command": command})
     init = args.init
     if init and is_store_reference(init):  # a model-store tag: start from the stored directory
         init = str(resolve_source(init).directory)
     try:
-        out = train(config, model_config=arch, init=init, resume=args.resume)
+        out = train(config, model_config=arch, init=init, resume=args.resume, command=command)
     except TrainingInterrupted as stop:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"csc train: {stop}; resume with: {_resume_command(args)}", file=sys.stderr)
@@ -91,7 +92,7 @@ def _train(args: argparse.Namespace) -> None:
 def _resume_command(args: argparse.Namespace) -> str:
     """The command that continues this run: the same arguments with ``--resume`` (under torchrun, pass
     them to the same torchrun command)."""
-    argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", "--data", args.data, "--out", args.out]
+    argv = args.argv if args.argv[:1] == ["train"] else ["train", "--data", args.data, "--out", args.out]
     command = shlex.join(["csc", *argv, *([] if "--resume" in argv else ["--resume"])])
     return command + (" (through the same torchrun command)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
 
