@@ -16,8 +16,8 @@ PRESETS: dict[str, CSCConfig] = {
         nonnegative=False,
         input_mean=(0.5, 0.5, 0.5),
     ),
-    # The bundled default: colour, 9x9 atoms on a stride-4 grid averaged over its 16 shifts (cycle spinning),
-    # then a 1x1 stage over their codes (130 KB).
+    # Colour, 9x9 atoms on a stride-4 grid averaged over its 16 shifts (cycle spinning), then a 1x1 stage over
+    # their codes (130 KB): the previous bundled default.
     "csc-ctrl-rgb-s4": CSCConfig(
         in_channels=3,
         stages=(
@@ -28,8 +28,9 @@ PRESETS: dict[str, CSCConfig] = {
         input_mean=(0.5, 0.5, 0.5),
         shift_average=True,
     ),
-    # Colour, 128 9x9 atoms on a stride-4 grid averaged over its 16 shifts, then a 1x1 stage, both with learned
-    # per-step step sizes and thresholds: 7 + 2 FISTA steps, about the inference cost of csc-ctrl-rgb-s4 (190 KB).
+    # The bundled default (models/pretrained/README.md): colour, 128 9x9 atoms on a stride-4 grid averaged over
+    # its 16 shifts, then a 1x1 stage, both with learned per-step step sizes and thresholds: 7 + 2 FISTA steps,
+    # about the inference cost of csc-ctrl-rgb-s4 (190 KB).
     "csc-ctrl-rgb-s4-learned": CSCConfig(
         in_channels=3,
         stages=(
