@@ -138,14 +138,15 @@ function drawImage(canvas, { shape, data }, displayWidth = undefined) {
   paint(canvas, out, width, height, displayWidth);
 }
 
-/** Draw |values| of an (h, w) map as heat (black, red, yellow, white), shown at the input's size. */
+/** Draw |values| of an (h, w) map as heat (black, red, yellow, white), shown at the input's size. Black is
+ * exactly the zero codes: a non-zero code, however small, starts at a visible dark red. */
 function drawHeat(canvas, data, height, width, displayWidth) {
   let peak = 0;
   for (const v of data) peak = Math.max(peak, Math.abs(v));
   const out = new ImageData(width, height);
   for (let i = 0; i < width * height; i++) {
     const t = peak > 0 ? Math.abs(data[i]) / peak : 0;
-    out.data[4 * i] = Math.round(255 * Math.min(1, 3 * t));
+    out.data[4 * i] = data[i] === 0 ? 0 : Math.max(48, Math.round(255 * Math.min(1, 3 * t)));
     out.data[4 * i + 1] = Math.round(255 * Math.min(1, Math.max(0, 3 * t - 1)));
     out.data[4 * i + 2] = Math.round(255 * Math.min(1, Math.max(0, 3 * t - 2)));
     out.data[4 * i + 3] = 255;
