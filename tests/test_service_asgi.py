@@ -1,10 +1,12 @@
 """The service in-process: its methods called directly, and its ASGI app (middleware, lifecycle) over httpx."""
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -111,6 +113,26 @@ class App:
         self.run(self._lifespan.__aexit__(None, None, None))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+@contextlib.contextmanager
+def warm_app(env: dict[str, str]):
+    """The service's app with ``env`` set and no token, once ``/readyz`` says the model is warm. BentoML's
+    request metrics stay off: their collectors register once per process, and another app may hold them."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        patch.delenv("CSC_SERVE_TOKEN", raising=False)
+        CSCService.inject_config()
+        running = App(ServiceAppFactory(CSCService, is_main=True, enable_metrics=False)())
+        deadline = time.monotonic() + 120
+        while running.request("GET", "/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.05)
+        yield running
+        running.close()
 
 
 @pytest.fixture(scope="module")

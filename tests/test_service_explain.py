@@ -2,7 +2,6 @@
 dropped; the maths on tiny models, the endpoints in-process and over HTTP from a real ``bentoml serve``."""
 
 import io
-import time
 
 import httpx
 import numpy as np
@@ -15,7 +14,7 @@ from csc_serve.models.explain import atom_grid, atom_mask, explain, parse_atoms,
 from csc_serve.service.process import ServerProcess
 
 from .conftest import tiny_config
-from .test_service_asgi import App
+from .test_service_asgi import warm_app
 
 CALIBRATION = ((0, 1.0), (25, 2.0), (50, 4.0))
 CODE_CHANNELS = 8  # tiny_config: 8 last-stage atoms, total stride 2
@@ -167,24 +166,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(model_dir):
-    from _bentoml_impl.server.app import ServiceAppFactory
-
-    from csc_serve.service.api import CSCService
-
-    with pytest.MonkeyPatch.context() as patch:
-        # 8 atoms of a 3x24x30 image at most: larger explanations get a 413
-        for name, value in {"CSC_MODEL": str(model_dir), "CSC_BACKEND": "torch", "CSC_BATCH_WAIT_MS": "0",
-                            "CSC_MAX_EXPLAIN_VALUES": str(8 * 3 * 24 * 30)}.items():
-            patch.setenv(name, value)
-        patch.delenv("CSC_SERVE_TOKEN", raising=False)
-        CSCService.inject_config()  # BentoML's request metrics off: test_service_asgi's app may hold them
-        running = App(ServiceAppFactory(CSCService, is_main=True, enable_metrics=False)())
-        deadline = time.monotonic() + 120
-        while running.request("GET", "/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the model did not load"
-            time.sleep(0.05)
+    # 8 atoms of a 3x24x30 image at most: larger explanations get a 413
+    with warm_app({"CSC_MODEL": str(model_dir), "CSC_BACKEND": "torch", "CSC_BATCH_WAIT_MS": "0",
+                   "CSC_MAX_EXPLAIN_VALUES": str(8 * 3 * 24 * 30)}) as running:
         yield running
-        running.close()
 
 
 def npy(array: np.ndarray) -> bytes:

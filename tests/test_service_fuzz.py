@@ -8,7 +8,6 @@ is the same every time and takes seconds; ``CSC_FUZZ_EXAMPLES=500`` runs a longe
 
 import io
 import os
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from csc_serve.service.api import ROUTES
 from csc_serve.service.codes import to_sparse
 
 from .conftest import tiny_config
-from .test_service_asgi import App
+from .test_service_asgi import warm_app
 
 EXAMPLES = int(os.environ.get("CSC_FUZZ_EXAMPLES", "25"))
 FIXED = "CSC_FUZZ_EXAMPLES" not in os.environ
@@ -81,30 +80,13 @@ FILES = st.one_of(st.binary(max_size=256), _pngs(), _arrays(), _codes())
 def app(tmp_path_factory):
     """The service's ASGI app, warm, on an event loop of its own (schemathesis' pytest plugin ends the lifespans
     its ASGI transport starts after every test, which would reload the model each time)."""
-    from csc_serve.service.api import CSCService
-
     directory = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
     calibration = ((0, 1.0), (25, 2.0), (50, 4.0))
     CSCAutoencoder(tiny_config(noise_calibration=calibration)).eval().save_pretrained(directory)
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"CSC_MODEL": str(directory), "CSC_BACKEND": "torch", "CSC_BATCH_WAIT_MS": "0",
-                            "CSC_MAX_BODY_BYTES": "100000", "CSC_MAX_PIXELS": str(48 * 48),
-                            "CSC_TILE_SIZE": "16"}.items():
-            patch.setenv(name, value)
-        patch.delenv("CSC_SERVE_TOKEN", raising=False)
-        # CSCService.to_asgi() without BentoML's request metrics: their collectors register once per process,
-        # and test_service_asgi's app may hold them already.
-        from _bentoml_impl.server.app import ServiceAppFactory
-
-        CSCService.inject_config()
-        running = App(ServiceAppFactory(CSCService, is_main=True, enable_metrics=False)())
-        deadline = time.monotonic() + 120
-        while running.request("GET", "/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the model did not load"
-            time.sleep(0.05)
+    with warm_app({"CSC_MODEL": str(directory), "CSC_BACKEND": "torch", "CSC_BATCH_WAIT_MS": "0",
+                   "CSC_MAX_BODY_BYTES": "100000", "CSC_MAX_PIXELS": str(48 * 48), "CSC_TILE_SIZE": "16"}) as running:
         yield running
-        running.close()
 
 
 @pytest.fixture(scope="module")

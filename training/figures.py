@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from csc_serve.models import CSCAutoencoder
+from csc_serve.models.explain import atom_grid as tile_atoms
 from csc_serve.models.explain import pixel_atoms
 from csc_serve.models.serialization import atomic_write
 
@@ -23,20 +24,11 @@ def effective_atoms(model: CSCAutoencoder, stage: int) -> torch.Tensor:
 
 
 def atom_grid(atoms: torch.Tensor, scale: int = 4, gap: int = 1) -> Image.Image:
-    """Tile atoms ``(K, C, h, w)`` into one image, each atom stretched to the full grey/colour range."""
-    k, c, h, w = atoms.shape
-    flat = atoms.flatten(1)
-    low, high = flat.min(1).values.view(k, 1, 1, 1), flat.max(1).values.view(k, 1, 1, 1)
-    atoms = (atoms - low) / (high - low).clamp_min(1e-12)
-    cols = math.ceil(math.sqrt(k))
-    rows = math.ceil(k / cols)
-    canvas = np.ones((rows * (h + gap) + gap, cols * (w + gap) + gap, c), dtype=np.float32)
-    for i in range(k):
-        r, q = divmod(i, cols)
-        y, x = gap + r * (h + gap), gap + q * (w + gap)
-        canvas[y : y + h, x : x + w] = atoms[i].permute(1, 2, 0).cpu().numpy()
-    pixels = (canvas * 255).round().astype(np.uint8)
-    img = Image.fromarray(pixels[..., 0] if c == 1 else pixels[..., :3])
+    """Tile atoms ``(K, C, h, w)`` into one image, each atom stretched to the full grey/colour range: the grid
+    of ``/atoms`` (``csc_serve.models.explain.atom_grid``) with a ``gap`` border, enlarged ``scale`` times."""
+    pixels, _ = tile_atoms(atoms.detach().cpu().numpy(), gap)
+    border = ((gap, gap), (gap, gap)) + ((0, 0),) * (pixels.ndim - 2)
+    img = Image.fromarray(np.pad(pixels, border, constant_values=255))
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
@@ -46,9 +38,7 @@ def save_atom_figures(model: CSCAutoencoder, out_dir: str | os.PathLike, scale: 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for stage in range(len(model.stages)):
-        atoms = effective_atoms(model, stage).float()
-        if atoms.shape[1] not in (1, 3):  # colour images need three channels; show the mean otherwise
-            atoms = atoms.mean(1, keepdim=True)
+        atoms = effective_atoms(model, stage).float()  # neither grey nor colour: the grid shows the channel mean
         path = out_dir / f"atoms_stage{stage + 1}.png"
         grid = atom_grid(atoms, scale=scale)
         atomic_write(path, lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
