@@ -14,7 +14,8 @@ multiply-add, whatever the boundary: circular padding pads before the convolutio
   step as one ``K x K`` matrix: ``2 K^2 h w`` per step after the first, in place of the pair.
 - ``decode``: one synthesis per stage.
 - ``reconstruct``: ``encode`` + ``decode``; with ``shift_average`` (and a total stride ``S > 1``) that of
-  the shifted copies (``S^2``, or ``(S / shift_step)^2``), each padded to ``(H + S) x (W + S)``.
+  the shifted copies (``len(config.shifts)``: ``S^2``, fewer with ``shift_step`` or ``shift_pattern``), each
+  padded to ``(H + S) x (W + S)``.
 
 Images are padded up to a multiple of the total stride first, as the backends do.
 

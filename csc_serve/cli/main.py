@@ -12,6 +12,7 @@ from csc_serve.cli.bench import add_bench
 from csc_serve.cli.eval import add_eval
 from csc_serve.cli.export import add_export
 from csc_serve.cli.extract import add_extract
+from csc_serve.cli.grow import add_grow
 from csc_serve.cli.import_model import add_import
 from csc_serve.cli.train import add_train
 from csc_serve.cli.viz import add_viz
@@ -25,7 +26,7 @@ bundled model, or a BentoML model-store tag (NAME:VERSION or NAME:latest, as
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_train, add_eval, add_export, add_bench, add_extract, add_import, add_viz
+    add_train, add_grow, add_eval, add_export, add_bench, add_extract, add_import, add_viz
 )
 
 

@@ -1,0 +1,63 @@
+"""``csc grow``: more atoms in a stage, or larger atoms, computing what the model computes (to train on)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from csc_serve.cli.common import add_model_argument, positive_int
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def _grow(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from csc_serve.model_store import resolve_model
+    from csc_serve.models.grow import widen
+
+    out = Path(args.out)
+    if (out / "config.json").exists() and not args.force:
+        raise ValueError(f"{out} already holds a model (pass --force to replace it)")
+    resolved = resolve_model(args.model)
+    model = resolved.module
+    provenance = {"command": shlex.join(["csc", *args.argv]),
+                  "grown_from": {"model": resolved.name, **model.config.provenance}}
+    grown = widen(model, args.stage - 1, args.factor, args.kernel_size, args.perturb, args.seed, provenance)
+    grown.save_pretrained(out)
+    stage = grown.config.stages[args.stage - 1]
+    print(f"{out}: stage {args.stage} has {stage.num_atoms} atoms of {stage.kernel_size}x{stage.kernel_size}")
+    print(f"train it with: csc train --init {out} --data DIR --out RUN_DIR ...")
+
+
+def add_grow(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "grow",
+        help="give a stage more atoms or larger atoms, keeping what the model computes",
+        description="Write a copy of MODEL with --factor times the atoms in --stage (every atom repeated; the "
+        "next stage reads the repeated codes) and its atoms zero-padded to --kernel-size. With --perturb 0 it "
+        "encodes, reconstructs and denoises as MODEL does; a small --perturb moves the copies of each atom apart "
+        "so that training (csc train --init OUT) can make them differ. The equations are in "
+        "csc_serve.models.grow.",
+    )
+    add_model_argument(p)
+    p.add_argument("--out", required=True, help="directory for the grown model")
+    p.add_argument("--stage", type=positive_int, default=1, help="the stage to grow, from 1 (default: 1)")
+    p.add_argument("--factor", type=positive_int, default=2,
+                   help="copies of every atom in the stage (default: 2, twice the atoms)")
+    p.add_argument("--kernel-size", type=positive_int, default=None,
+                   help="new odd atom size, at least the current one (default: unchanged)")
+    p.add_argument("--perturb", type=_nonnegative_float, default=3e-3,
+                   help="std of the zero-mean noise that moves the copies of an atom apart, per atom sample, "
+                   "before atoms go back to unit norm (default: 3e-3; 0 keeps the output exactly)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that noise (default: 0)")
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
+    p.set_defaults(run=_grow)

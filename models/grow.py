@@ -1,0 +1,92 @@
+r"""Growing a trained model without changing what it computes: more atoms in a stage, larger atoms.
+
+``widen(model, stage, factor, kernel_size)`` returns a model whose stage ``stage`` has ``factor`` times the
+atoms, each atom ``d_i`` repeated ``factor`` times, and whose next stage reads the repeated code maps. With
+``perturb=0`` it reconstructs, denoises and encodes exactly as ``model`` does (up to float rounding), so
+training can go on from it with the new capacity (``csc train --init``):
+
+- Widened stage, ``D' = [D, ..., D]`` (``c = factor`` copies) with the same per-atom weights and learned step
+  scales. ``D'^T D'`` has the nonzero spectrum of ``D' D'^T = c D D^T``, so ``L' = c L`` and ``eta' = eta / c``.
+  FISTA on ``D'`` keeps the ``c`` copies of a code equal; their sum ``v`` then moves as
+  ``v <- prox_{eta lmbda w}(v + eta D^T (x - D v))``: the iteration of the original stage. So the copies
+  of code ``i`` each hold ``z_i / c``, and ``D' z' = D z``.
+- Next stage (its input is now ``[z / c, ..., z / c]``): every atom's input channels are repeated and divided
+  by ``sqrt(c)``, which keeps atoms at unit norm and the Gram operator (so ``L``) unchanged. Its Lasso becomes
+  the original one for the input ``z / sqrt(c)``; with the penalty weights divided by ``sqrt(c)`` too, its
+  codes are the original codes over ``sqrt(c)`` (FISTA is positively homogeneous) and its synthesis gives back
+  ``[z^ / c, ..., z^ / c]``, which the widened stage synthesises to ``D z^``.
+- Larger atoms: each atom is zero-padded to ``kernel_size`` (odd, not smaller): the same convolutions.
+
+``perturb > 0`` breaks the symmetry that would keep the copies equal under training: copy ``j`` of atom ``i``
+moves by ``perturb * n_ij`` (Gaussian, with zero mean over the copies), then every atom goes back to unit
+norm. The model then computes almost, not exactly, what ``model`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .autoencoder import CSCAutoencoder
+
+
+def widen(
+    model: CSCAutoencoder,
+    stage: int = 0,
+    factor: int = 2,
+    kernel_size: int | None = None,
+    perturb: float = 0.0,
+    seed: int = 0,
+    provenance: dict[str, Any] | None = None,
+) -> CSCAutoencoder:
+    """A copy of ``model`` with ``factor`` times the atoms in stage ``stage`` (0-based) and its atoms
+    zero-padded to ``kernel_size`` (default: unchanged), computing what ``model`` computes when ``perturb`` is
+    0 (module docstring). ``provenance`` replaces the config's (default: kept)."""
+    stages = model.config.stages
+    if not 0 <= stage < len(stages):
+        raise ValueError(f"stage must be between 1 and {len(stages)} (the model has {len(stages)}), got {stage + 1}")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive integer, got {factor!r}")
+    old = stages[stage]
+    size = old.kernel_size if kernel_size is None else kernel_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < old.kernel_size or size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and at least the stage's {old.kernel_size}, got {size!r}")
+    if not (math.isfinite(perturb) and perturb >= 0):
+        raise ValueError(f"perturb must be a non-negative number, got {perturb}")
+    grown = list(stages)
+    grown[stage] = dataclasses.replace(old, num_atoms=old.num_atoms * factor, kernel_size=size)
+    config = dataclasses.replace(model.config, stages=tuple(grown))
+    if provenance is not None:
+        config = dataclasses.replace(config, provenance=provenance)
+    new = CSCAutoencoder(config).to(model.input_mean.device)
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    prefix = f"stages.{stage}."
+    pad = (size - old.kernel_size) // 2
+    atoms = F.pad(state[prefix + "dictionary"], (pad, pad, pad, pad))  # (K, C, k', k')
+    atoms = atoms.repeat(factor, 1, 1, 1)  # copy j of atom i at j K + i
+    if perturb > 0 and factor > 1:
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn((factor, old.num_atoms, *atoms.shape[1:]), generator=gen, dtype=torch.float64)
+        noise = (noise - noise.mean(0, keepdim=True)).flatten(0, 1)  # zero mean over the copies of an atom
+        atoms = atoms + perturb * noise.to(atoms)
+    atoms = atoms / atoms.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    state[prefix + "dictionary"] = atoms
+    state[prefix + "lmbda_weights"] = state[prefix + "lmbda_weights"].repeat(factor)
+    state.pop(prefix + "lipschitz")  # recomputed for the new dictionary
+    nxt = f"stages.{stage + 1}."
+    if stage + 1 < len(stages):
+        root = math.sqrt(factor)
+        state[nxt + "dictionary"] = state[nxt + "dictionary"].repeat(1, factor, 1, 1) / root
+        state[nxt + "lmbda_weights"] = state[nxt + "lmbda_weights"] / root
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if unexpected or missing != [prefix + "lipschitz"]:
+        raise RuntimeError(f"widening left parameters unmatched: missing {missing}, unexpected {unexpected}")
+    new.stages[stage].update_step_size()
+    new.train(model.training)
+    return new
+
