@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "list_images", "load_image", "to_float"]
+__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "center_crop", "list_images", "load_image", "to_float"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -77,3 +77,10 @@ def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
         return np.ascontiguousarray(np.repeat(array, 3, axis=0))
     luma = np.tensordot(np.array([0.299, 0.587, 0.114], dtype=np.float32), array, axes=1)
     return np.ascontiguousarray(luma[None])
+
+
+def center_crop(image, size: int):
+    """The central ``size`` x ``size`` window of an array or tensor ``(..., H, W)`` (all of a shorter side)."""
+    h, w = image.shape[-2:]
+    top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    return image[..., top : top + size, left : left + size]

@@ -109,27 +109,65 @@ def evaluate_images(
 
 @torch.no_grad()
 def refine_calibration(
-    model: CSCAutoencoder, images: Sequence[torch.Tensor], seed: int = 0, steps: int = 9, span: float = 2.0
+    model: CSCAutoencoder, images: Sequence[torch.Tensor], seed: int = 0, steps: int = 9, span: float = 2.0,
+    refine: int = 0, progress: bool = False,
 ) -> tuple[tuple[float, float], ...]:
     """Line search of ``lmbda_scale`` at every calibration knot (sigma > 0) for the best mean PSNR on
-    ``images``: candidates ``scale * span**t`` for ``t`` evenly spaced on [-1, 1]. Returns the new knots
-    (``model.config`` is not changed). ``s(0) = 1`` stays: that is the reconstruction setting.
+    ``images``: candidates ``scale * span**t`` for ``t`` evenly spaced on [-1, 1], then ``refine`` more by
+    golden-section search of ``log(scale)`` between the neighbours of the best candidate (each one shrinks
+    that bracket by 0.618). Returns the new knots (``model.config`` is not changed): at each knot the scale of
+    the best PSNR met. ``s(0) = 1`` stays: that is the reconstruction setting.
     """
     knots = list(model.config.noise_calibration)
     factors = [span ** (2 * i / (steps - 1) - 1) for i in range(steps)]
     same_size = len({tuple(x.shape) for x in images}) == 1
     clean = [torch.stack(list(images))] if same_size else [x.unsqueeze(0) for x in images]
+    bar = tqdm(total=sum(1 for s, _ in knots if s > 0) * (steps + refine), desc="calibrate", unit="try",
+               disable=not progress)
     for k, (sigma, scale) in enumerate(knots):
         if sigma == 0:
             continue
         noisy = [torch.cat([noisy_copy(x[i : i + 1], sigma, seed, i) for i in range(len(x))]) for x in clean]
-        best = (-math.inf, scale)
-        for f in factors:
-            scores = [psnr(model.reconstruct(n, torch.full((len(n),), scale * f)), x, clip=True, per_image=True)
-                      for n, x in zip(noisy, clean)]
-            best = max(best, (float(torch.cat(scores).mean()), scale * f))
-        knots[k] = (sigma, best[1])
+        tried: dict[float, float] = {}
+
+        def score(log_scale: float) -> float:
+            value = math.exp(log_scale)
+            outs = [psnr(model.reconstruct(n, torch.full((len(n),), value)), x, clip=True, per_image=True)
+                    for n, x in zip(noisy, clean)]
+            tried[value] = float(torch.cat(outs).mean())
+            bar.update(1)
+            return tried[value]
+
+        logs = [math.log(scale * f) for f in factors]
+        best = max(range(steps), key=lambda i: score(logs[i]))
+        if refine > 0 and steps > 1:
+            gap = logs[1] - logs[0]
+            _golden_section(score, logs[best] - gap, logs[best] + gap, refine)
+        knots[k] = (sigma, max(tried, key=tried.get))
+    bar.close()
     return tuple(knots)
+
+
+def _golden_section(score, low: float, high: float, evaluations: int) -> None:
+    """``evaluations`` calls of ``score`` that close in on a maximum of a unimodal function on [low, high]."""
+    ratio = (math.sqrt(5) - 1) / 2
+    points: list[tuple[float, float]] = []  # interior (position, score) pairs, left then right
+    while evaluations > 0:
+        if not points:
+            position = high - ratio * (high - low)
+        elif len(points) == 1:
+            position = low + ratio * (high - low)
+        else:
+            (c, fc), (d, fd) = points
+            if fc >= fd:  # the maximum lies in [low, d]
+                high, points = d, [(c, fc)]
+                position = high - ratio * (high - low)
+            else:  # in [c, high]
+                low, points = c, [(d, fd)]
+                position = low + ratio * (high - low)
+        points.append((position, score(position)))
+        points.sort()
+        evaluations -= 1
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from csc_serve.models import CSCAutoencoder, CSCConfig, load_pretrained
+from csc_serve.models.images import center_crop
 from csc_serve.models.serialization import atomic_write, save_pretrained
 
 from .data import ImageFolderDataset, list_images, load_image, split_paths
@@ -140,10 +141,7 @@ def find_checkpoint(out: Path) -> Path | None:
 def _holdout_images(paths: list[Path], channels: int, count: int, size: int = 128) -> list[torch.Tensor]:
     images = []
     for path in paths[:count]:
-        x = torch.from_numpy(load_image(path, channels))
-        h, w = x.shape[-2:]
-        top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
-        images.append(x[:, top : top + size, left : left + size].contiguous())
+        images.append(center_crop(torch.from_numpy(load_image(path, channels)), size).contiguous())
     return images
 
 
@@ -275,7 +273,7 @@ def _write_model(trainer: Trainer, holdout: list[torch.Tensor], extra: dict[str,
         provenance = {**model.config.provenance, "reconstruction_scale_factor": factor}
         model.config = dataclasses.replace(model.config, noise_calibration=knots or None, provenance=provenance)
     if holdout and config.sigma_max > 0:
-        knots = refine_calibration(model.eval(), trainer.holdout, seed=config.seed)
+        knots = refine_calibration(model.eval(), trainer.holdout, seed=config.seed, refine=5)
         model.config = dataclasses.replace(model.config, noise_calibration=knots)
     model.cpu()
     save_pretrained(model, config.out)

@@ -20,3 +20,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def refuse_to_overwrite(out, force: bool) -> None:
+    """A one-line error when ``out`` already holds a model and ``force`` is not set."""
+    from pathlib import Path
+
+    if (Path(out) / "config.json").exists() and not force:
+        raise ValueError(f"{out} already holds a model (pass --force to replace it)")

@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from csc_serve.cli.common import add_model_argument, positive_int
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
+from csc_serve.cli.common import add_model_argument, nonnegative_float, positive_int, refuse_to_overwrite
 
 
 def _grow(args: argparse.Namespace) -> None:
@@ -25,8 +15,7 @@ def _grow(args: argparse.Namespace) -> None:
     from csc_serve.models.grow import widen
 
     out = Path(args.out)
-    if (out / "config.json").exists() and not args.force:
-        raise ValueError(f"{out} already holds a model (pass --force to replace it)")
+    refuse_to_overwrite(out, args.force)
     resolved = resolve_model(args.model)
     model = resolved.module
     provenance = {"command": shlex.join(["csc", *args.argv]),
@@ -55,7 +44,7 @@ def add_grow(commands: argparse._SubParsersAction) -> None:
                    help="copies of every atom in the stage (default: 2, twice the atoms)")
     p.add_argument("--kernel-size", type=positive_int, default=None,
                    help="new odd atom size, at least the current one (default: unchanged)")
-    p.add_argument("--perturb", type=_nonnegative_float, default=3e-3,
+    p.add_argument("--perturb", type=nonnegative_float, default=3e-3,
                    help="std of the zero-mean noise that moves the copies of an atom apart, per atom sample, "
                    "before atoms go back to unit norm (default: 3e-3; 0 keeps the output exactly)")
     p.add_argument("--seed", type=int, default=0, help="seed of that noise (default: 0)")

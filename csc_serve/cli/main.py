@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from csc_serve import __version__
 from csc_serve.cli.bench import add_bench
+from csc_serve.cli.calibrate import add_calibrate
 from csc_serve.cli.eval import add_eval
 from csc_serve.cli.export import add_export
 from csc_serve.cli.extract import add_extract
@@ -26,7 +27,7 @@ bundled model, or a BentoML model-store tag (NAME:VERSION or NAME:latest, as
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_train, add_grow, add_eval, add_export, add_bench, add_extract, add_import, add_viz
+    add_train, add_grow, add_calibrate, add_eval, add_export, add_bench, add_extract, add_import, add_viz
 )
 
 
