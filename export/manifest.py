@@ -6,7 +6,7 @@ One manifest per artifact directory::
       "format": "csc-ctrl-artifacts", "format_version": 1, "created": "2026-11-23T12:00:00+00:00",
       "model": {"weights_sha256": "...", "config_sha256": "...", "source": "csc-ctrl-rgb", "in_channels": 3,
                 "code_channels": 128, "total_stride": 4, "num_steps": [7, 2], "shift_average": true,
-                "shifts": 16},
+                "shifts": 8},
       "onnx": {"opset": 17, "exporter": "...",
                "graphs": {"encode": {"file": "encode.onnx", "sha256": "...", "precision": "float32",
                                      "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"],
