@@ -2,7 +2,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU machines: the CPU build of torch 2.13.0 and onnxruntime. GPU machines: make EXTRAS=gpu,train,dev,serve,ray,client
+# (and make serve SERVE_EXTRAS=gpu,serve).
 EXTRAS ?= cpu,train,dev,serve,ray,client
+# What `bentoml serve` of the service imports: ONNX, ONNX Runtime and BentoML (no training, Ray or test packages).
+SERVE_EXTRAS ?= cpu,serve
 PORT ?= 3000
 # Every dependency at the version the tests last passed with (make lock writes it, and requirements-bento.txt).
 # torch is pinned there exactly and installed first: `pip install torch==2.13.0` takes the CPU build on disk here,
@@ -17,12 +20,13 @@ LOCK_VENV := build/lock-venv
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
+# One stamp per set of extras: `make serve` installing the serving extras does not stand for the test extras.
+$(VENV)/.installed-%: $(BIN)/python pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install $(TORCH)
-	$(BIN)/python -m pip install -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -c $(LOCK) -e ".[$*]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(EXTRAS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -30,8 +34,9 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
-# The first command on a fresh machine: install, then serve the bundled model (or $CSC_MODEL) on $(PORT).
-serve: install
+# The first command on a fresh machine: install what serving needs, then serve the bundled model (or $CSC_MODEL).
+serve: $(VENV)/.installed-$(SERVE_EXTRAS)
+	@echo "Open http://localhost:$(PORT)/ui/ for the page; the API and its docs are at http://localhost:$(PORT)/ (ready when /readyz answers 200)"
 	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml serve --port $(PORT) $(SERVE_ARGS)
 
 # Refresh the lock: a fresh venv, the newest releases of every extra (nothing pinned but torch), the tests, and

@@ -13,11 +13,10 @@ channels as read once from ``/metadata``), or uint8 pixels ``(H, W)``, ``(H, W, 
 a lossless PNG, read by the server as it reads image files). Arrays come back as ``.npy`` (``output=npy``), so
 nothing is clipped or rounded to 8 bits, and every answer is read with ``numpy.load(..., allow_pickle=False)``.
 
-One connection pool per client, kept alive between requests; a client may be shared by threads. Errors are
-``ClientError``: ``ServiceError`` when the server answers with an error status (``status`` and its one-line
-``message``), ``ServiceUnreachable`` (also a ``ConnectionError``) when no connection can be made or it breaks,
-``ServiceTimeout`` (also a ``TimeoutError``) when no answer comes within ``timeout``. Input the client cannot
-send is refused with ``TypeError`` or ``ValueError`` before any request. Needs httpx (the ``client`` extra).
+One connection pool per client, kept alive, shareable by threads. Errors are ``ClientError``: ``ServiceError``
+for an error status (``status``, one-line ``message``), ``ServiceUnreachable`` (a ``ConnectionError``) when no
+connection is made or it breaks, ``ServiceTimeout`` (a ``TimeoutError``) past ``timeout``; input it cannot send
+gets ``TypeError`` or ``ValueError`` before any request. Needs httpx (the ``client`` extra).
 """
 
 from __future__ import annotations
@@ -46,8 +45,7 @@ class ClientError(Exception):
 
 
 class ServiceError(ClientError):
-    """The server answered with an error status: ``status`` (e.g. 400), ``message`` (its one-line ``error``),
-    ``route`` (e.g. ``/decode``) and ``detail`` (pydantic's list for a field that failed validation, or None)."""
+    """An error status: ``status`` (e.g. 400), ``message`` (the one-line ``error``), ``route`` and ``detail``."""
 
     def __init__(self, status: int, message: str, route: str = "", detail: Any = None):
         super().__init__(f"{route + ': ' if route else ''}{message} (HTTP {status})")
@@ -116,13 +114,15 @@ class Reconstruction:
 
 @dataclass(frozen=True, eq=False)
 class Denoised:
-    """``image``: float32 ``(C, H, W)``; ``sigma``: the noise level used (0..255; None when a ``lmbda_scale``
-    was given instead), ``sigma_source``: ``"given"``, ``"estimated"`` or ``"none"``, and the ``lmbda_scale``."""
+    """``image``: float32 ``(C, H, W)``; ``sigma``: the noise level used (0..255; None when a ``lmbda_scale`` was
+    given instead), ``sigma_source``: ``"given"``, ``"estimated"`` or ``"none"``, the ``lmbda_scale``, and
+    ``sparsity``: the fraction of zero last-stage codes the image was made of."""
 
     image: np.ndarray
     sigma: float | None
     sigma_source: str
     lmbda_scale: float
+    sparsity: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,10 +201,12 @@ class Client:
         self._http.close()
 
     # ----------------------------------------------------------------------------- endpoints
-    def encode(self, image: Image, lmbda_scale: float = 1.0, sparse: bool = False) -> np.ndarray | SparseCodes:
-        """Last-stage codes of ``image``: float32 ``(K, h, w)``, or with ``sparse=True`` a ``SparseCodes``
-        (smaller on the wire, with the image size and every stage's sparsity)."""
-        data = {"lmbda_scale": _number(lmbda_scale)}
+    def encode(self, image: Image, lmbda_scale: float | None = None, sparse: bool = False,
+               sigma: float | None = None) -> np.ndarray | SparseCodes:
+        """Last-stage codes of ``image`` at ``lmbda_scale`` (default 1), or as ``denoise`` codes it for noise of level
+        ``sigma`` (0..255): float32 ``(K, h, w)``, or with ``sparse=True`` a ``SparseCodes`` (smaller on the wire,
+        with the image size and every stage's sparsity)."""
+        data = _form(lmbda_scale=_number(lmbda_scale), sigma=_number(sigma))
         if sparse:
             return SparseCodes.from_npz(self._post("/encode", self._image_file(image), data).content)
         data.update(output="npy", stage_sparsity="false")  # the dense answer carries no sparsity
@@ -248,8 +250,8 @@ class Client:
         data = _form(output="npy", sigma=_number(sigma), lmbda_scale=_number(lmbda_scale))
         response = self._post("/denoise", self._image_file(image), data)
         given = response.headers.get("x-csc-sigma")
-        return Denoised(_array(response), None if given is None else float(given),
-                        response.headers.get("x-csc-sigma-source", "none"), _header(response, "x-csc-lmbda-scale"))
+        return Denoised(_array(response), None if given is None else float(given), response.headers.get(
+            "x-csc-sigma-source", "none"), _header(response, "x-csc-lmbda-scale"), _header(response, "x-csc-sparsity"))
 
     def atoms(self, stage: int | None = None) -> np.ndarray:
         """The atoms of the last stage (or of ``stage``, counted from 0) in pixel space: float32 ``(K, C, h, w)``,

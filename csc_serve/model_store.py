@@ -24,8 +24,8 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from csc_serve.models import CSCAutoencoder, load_pretrained
 from csc_serve.models.serialization import (
     CONFIG_NAME,
     PRETRAINED_DIR,
@@ -36,6 +36,9 @@ from csc_serve.models.serialization import (
     resolve_model_dir,
     weights_sha256,
 )
+
+if TYPE_CHECKING:
+    from csc_serve.models import CSCAutoencoder
 
 ARTIFACTS_DIR = "artifacts"
 TAG_HINT = "a model-store tag is NAME:VERSION or NAME:latest; 'csc import MODEL_DIR' adds one"
@@ -116,6 +119,8 @@ def resolve_model(model: str | os.PathLike | CSCAutoencoder | ResolvedModel,
     """The loaded model (weights verified against ``config.json``), its weights' sha256, a display name and the
     artifacts to serve it from. ``model``: a reference (see ``resolve_source``), a ``CSCAutoencoder`` (no
     artifacts unless given) or an already resolved model (returned as is, or with ``artifacts`` replaced)."""
+    from csc_serve.models import CSCAutoencoder, load_pretrained
+
     if isinstance(model, ResolvedModel):
         return model if artifacts is None else replace(model, artifacts=Path(artifacts))
     if isinstance(model, CSCAutoencoder):
@@ -192,6 +197,8 @@ def import_model(model_dir: str | os.PathLike, name: str | None = None,
     name = name or _tag_name(source.resolve().name)
     bentoml.Tag.from_taglike(name)  # a bad name fails before any work
     progress("verifying the model")
+    from csc_serve.models import load_pretrained
+
     model = load_pretrained(source)  # refuses a damaged or mismatched directory
     sha = read_config(source)[1]["weights_sha256"]
     if artifacts is None and (source / "manifest.json").is_file():

@@ -32,6 +32,16 @@ from typing import Any
 
 from csc_serve.models.serialization import atomic_write, read_json_document, sha256_file
 
+GRAPH_NAMES = ("encode", "decode", "reconstruct")  # every artifact directory holds these graphs
+# The form of the traced graphs (models.fista: folded and rescaled FISTA; shifted copies one after the other;
+# zero counts as extra outputs). Cached graphs of another revision are exported again.
+GRAPH_REVISION = 3
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be made here, or an exported graph that is invalid or does not match the torch model."""
+
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "csc-ctrl-artifacts"
 FORMAT_VERSION = 1

@@ -2,8 +2,10 @@
 
 Every graph is traced from the model itself (``csc_serve.export.graphs``), with dynamic batch, height and width,
 written as one self-contained file, passed through ``onnx.checker``, and run in ONNX Runtime against the
-torch model before it is kept: two image sizes, two ``lmbda_scale`` values that must give different codes,
-max abs error at most ``PARITY_TOLERANCE``. A graph that fails is not written.
+torch model before it is kept: two image sizes, two ``lmbda_scale`` values that must give different codes
+(and for noise-adaptive models two ``sigma`` values in each batch), codes and images within
+``PARITY_TOLERANCE`` of torch's, zero counts differing on at most ``COUNT_FLIP_TOLERANCE`` of the codes. A
+graph that fails is not written.
 
 Opset 17: every runtime we target reads it (ONNX Runtime 1.18+, the TensorRT 10 and 11 ONNX parsers), and
 the graphs need nothing newer (Conv, ConvTranspose, elementwise arithmetic, Min/Max, Pad, Slice, Concat).
@@ -24,24 +26,32 @@ import numpy as np
 import torch
 
 from csc_serve.models import CSCAutoencoder
+from csc_serve.models.autoencoder import zero_map
 from csc_serve.models.serialization import atomic_write, sha256_file
 
-from .graphs import GRAPHS, dynamic_axes, io_shapes
-from .manifest import FORMAT, FORMAT_VERSION, config_sha256, library_versions, utc_now, write_manifest
+from .graphs import GRAPH_NAMES, dynamic_axes, graph_signature, io_shapes
+from .manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_REVISION,
+    ExportError,
+    config_sha256,
+    library_versions,
+    utc_now,
+    write_manifest,
+)
 
 OPSET = 17
 # float32 rounding through 10-20 unrolled steps stays near 1e-6; 1e-4 leaves room for other CPUs' kernels.
 PARITY_TOLERANCE = 1e-4
 PARITY_SCALES = (1.0, 3.0)
+# Zero counts may differ where a code lies within float rounding of its threshold: a few per thousand codes.
+COUNT_FLIP_TOLERANCE = 1e-3
+# Noise levels (0..255) of the two images of every parity case, read by noise-adaptive models only.
+PARITY_SIGMAS = (0.0, 30.0)
 
 
-class ExportError(RuntimeError):
-    """An export that cannot be made here, or an exported graph that is invalid or does not match the torch model."""
 
-
-# The form of the traced graphs (models.fista: folded and rescaled FISTA). Cached graphs of another
-# revision are exported again.
-GRAPH_REVISION = 2
 
 
 def _example_sizes(stride: int) -> list[tuple[int, int]]:
@@ -84,38 +94,59 @@ def _check_self_contained(directory: Path, before: set[str]) -> None:
 
 
 def _parity_cases(model: CSCAutoencoder, graph: str) -> list[dict[str, Any]]:
-    """Inputs for ``graph`` at two sizes and two scales, with the torch float32 reference outputs."""
+    """Inputs for ``graph`` at two sizes and two scales (and, for a noise-adaptive model, two noise levels per
+    batch), with the torch float32 reference of every output."""
     gen = torch.Generator().manual_seed(0)
-    lo, hi = model.config.value_range
+    config = model.config
+    lo, hi = config.value_range
+    _, inputs, _ = graph_signature(config, graph)
     cases = []
-    for h, w in _example_sizes(model.config.total_stride):
-        images = lo + (hi - lo) * torch.rand(2, model.config.in_channels, h, w, generator=gen)
+    for h, w in _example_sizes(config.total_stride):
+        images = lo + (hi - lo) * torch.rand(2, config.in_channels, h, w, generator=gen)
         for scale in PARITY_SCALES:
             lmbda = torch.full((2,), scale)
+            sigma = torch.tensor(PARITY_SIGMAS)
             with torch.no_grad():
-                codes = model.encode(images, lmbda)
+                stages = model.encode(images, lmbda, all_stages=True, sigma=sigma)
+                codes = stages[-1]
                 if graph == "encode":
-                    feeds, ref = {"images": images, "lmbda_scale": lmbda}, codes
+                    refs = [codes, *(zero_map(z) for z in stages[:-1])]
                 elif graph == "decode":
-                    feeds, ref = {"codes": codes}, model.decode(codes)
+                    refs = [model.decode(codes)]
                 else:
-                    feeds, ref = {"images": images, "lmbda_scale": lmbda}, model.reconstruct(images, lmbda)
-            cases.append({"size": [h, w], "lmbda_scale": scale, "feeds": feeds, "ref": ref, "codes": codes})
+                    refs = list(model.reconstruct_counting(images, lmbda, sigma=sigma))
+            feeds = {"codes": codes} if graph == "decode" else {"images": images, "lmbda_scale": lmbda, "sigma": sigma}
+            feeds = {spec["name"]: feeds[spec["name"]] for spec in inputs}
+            cases.append({"size": [h, w], "lmbda_scale": scale, "feeds": feeds, "refs": refs, "codes": codes})
     return cases
 
 
-def _measure_parity(path: str, cases: list[dict[str, Any]]) -> dict[str, Any]:
+def _measure_parity(path: str, cases: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """The largest difference between ONNX Runtime and torch over the image and code outputs of every case,
+    and the share of zero counts that differ. A count is a number of exact zeros: a code within float rounding
+    of its threshold may be zero in one runtime and not in the other, so counts are compared in total, not
+    value by value."""
     session = _onnx_session(path)
     errors = []
     for case in cases:
         feeds = {k: v.numpy() for k, v in case["feeds"].items()}
-        out = session.run(None, feeds)[0]
-        ref = case["ref"].numpy()
-        if out.shape != ref.shape:
-            raise ExportError(f"{Path(path).name}: output shape {out.shape} != torch {ref.shape}")
-        errors.append({"size": case["size"], "lmbda_scale": case["lmbda_scale"],
-                       "max_abs_error": float(np.abs(out - ref).max())})
-    return {"max_abs_error": max(e["max_abs_error"] for e in errors), "cases": errors}
+        outs = session.run(None, feeds)
+        if len(outs) != len(case["refs"]):
+            raise ExportError(f"{Path(path).name}: {len(outs)} outputs, torch gives {len(case['refs'])}")
+        error, flips, counted = 0.0, 0.0, 0
+        for name, out, ref in zip(names, outs, case["refs"]):
+            ref = ref.numpy()
+            if out.shape != ref.shape:
+                raise ExportError(f"{Path(path).name}: output {name} has shape {out.shape}, torch {ref.shape}")
+            if name.endswith("zeros"):
+                flips += float(np.abs(out - ref).sum())
+                counted += int(ref.size)
+            else:
+                error = max(error, float(np.abs(out - ref).max()))
+        errors.append({"size": case["size"], "lmbda_scale": case["lmbda_scale"], "max_abs_error": error,
+                       "zero_count_flips": flips})
+    return {"max_abs_error": max(e["max_abs_error"] for e in errors),
+            "zero_count_flips": sum(e["zero_count_flips"] for e in errors), "cases": errors}
 
 
 def _export_graph(
@@ -129,7 +160,7 @@ def _export_graph(
 ) -> dict[str, Any]:
     import onnx
 
-    module_cls, inputs, outputs = GRAPHS[graph]
+    module_cls, inputs, outputs = graph_signature(model.config, graph)
     module = module_cls(model).eval()
     args = tuple(cases[0]["feeds"][s["name"]] for s in inputs)
     before = set(os.listdir(directory))
@@ -139,11 +170,17 @@ def _export_graph(
         _trace(module, args, tmp, inputs, outputs, opset)
         _check_self_contained(directory, before | {Path(tmp).name})
         onnx.checker.check_model(tmp, full_check=True)
-        parity = _measure_parity(tmp, cases)
+        parity = _measure_parity(tmp, cases, [spec["name"] for spec in outputs])
         if tolerance is not None and not parity["max_abs_error"] <= tolerance:
             raise ExportError(
                 f"{file_name}: ONNX Runtime differs from torch by {parity['max_abs_error']:.3g} "
                 f"(tolerance {tolerance:g}); the graph was not written"
+            )
+        codes = sum(case["codes"].numel() for case in cases)
+        if tolerance is not None and not parity["zero_count_flips"] <= COUNT_FLIP_TOLERANCE * codes:
+            raise ExportError(
+                f"{file_name}: ONNX Runtime counts {parity['zero_count_flips']:g} zero codes otherwise than torch "
+                f"over {codes} codes (tolerance {COUNT_FLIP_TOLERANCE:g} of them); the graph was not written"
             )
         atomic_write(directory / file_name, lambda target: os.replace(tmp, target))
     finally:
@@ -177,7 +214,7 @@ def export_onnx(
     source: str = "",
     fp16: bool = False,
     opset: int = OPSET,
-    graphs: tuple[str, ...] = ("encode", "decode", "reconstruct"),
+    graphs: tuple[str, ...] = GRAPH_NAMES,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Export ``graphs`` of ``model`` into ``out_dir`` with ``manifest.json``; returns the manifest.
@@ -192,8 +229,8 @@ def export_onnx(
     model.ensure_step_sizes()
     entries: dict[str, Any] = {}
     for graph in graphs:
-        if graph not in GRAPHS:
-            raise ValueError(f"unknown graph {graph!r}; choose from {sorted(GRAPHS)}")
+        if graph not in GRAPH_NAMES:
+            raise ValueError(f"unknown graph {graph!r}; choose from {', '.join(GRAPH_NAMES)}")
         cases = _parity_cases(model, graph)
         if graph == "encode":
             _check_scales_differ(model, cases)

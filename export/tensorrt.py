@@ -37,11 +37,9 @@ from typing import Any, Callable
 
 from csc_serve.models.serialization import atomic_write, sha256_file
 
-from .manifest import ArtifactError, artifact_path, read_manifest, write_manifest
-from .onnx_export import ExportError
+from .manifest import GRAPH_NAMES, ArtifactError, ExportError, artifact_path, read_manifest, write_manifest
 from .trt_ops import check_tensorrt_compatible
 
-GRAPH_NAMES = ("encode", "decode", "reconstruct")
 PRECISIONS = {"float32": "", "float16": "_fp16"}  # precision -> suffix of the graph and plan names
 INSTALL_HINT = 'pip install -e ".[gpu]"'
 TIMING_CACHE_NAME = "trt_timing.cache"

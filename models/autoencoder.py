@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import interpolate_scale
+from .calibration import scale_for_sigma
 from .config import CSCConfig
 from .fista import is_exporting, resolve_form
+from .images import pad_to_stride
 from .layer import CSCLayer
 from .noise import estimate_noise_sigma
 from .serialization import check_weights, read_weights, save_pretrained
@@ -34,6 +37,12 @@ def sum_of_unshifted(out: torch.Tensor, shifts: list[tuple[int, int]], size: tup
     return torch.stack([out[i, ..., dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts)]).sum(0)
 
 
+def zero_map(codes: torch.Tensor) -> torch.Tensor:
+    """The number of zero codes at each position of ``codes`` (B, K, h, w): (B, h, w) float32 (exact: counts stay
+    far below 2^24, while half precision would round them beyond 2048)."""
+    return (codes == 0).to(torch.float32).sum(1)
+
+
 class CSCAutoencoder(nn.Module):
     r"""Multi-stage convolutional sparse coding autoencoder (the encoder and decoder of CSC-CTRL).
 
@@ -52,7 +61,9 @@ class CSCAutoencoder(nn.Module):
     of ``config.total_stride`` and results are cropped back. With ``config.shift_average``, ``reconstruct``
     and ``denoise`` average over the ``S^2`` shifts of the stride grid (cycle spinning). ``lmbda_scale``
     (``None``, a float, or a tensor of shape ``(B,)``) multiplies every stage's threshold per sample; 1.0 is
-    the trained sparsity.
+    the trained sparsity. ``sigma`` (the same forms, on the 0..255 scale; ``None`` is 0) is the noise level of
+    each image, which only stages with noise-affine thresholds (``StageConfig.thresholds``) read: their
+    thresholds move with it, on top of ``lmbda_scale``; ``denoise`` passes the level it denoises.
     """
 
     def __init__(self, config: CSCConfig):
@@ -70,6 +81,7 @@ class CSCAutoencoder(nn.Module):
                 nonnegative=config.nonnegative,
                 mu=stage.mu,
                 learned_steps=stage.learned_steps,
+                thresholds=stage.thresholds,
             )
             for i, stage in enumerate(config.stages)
         )
@@ -86,6 +98,18 @@ class CSCAutoencoder(nn.Module):
         """Keep every stage's per-atom penalty weights non-negative (after an optimizer step)."""
         for stage in self.stages:
             stage.clamp_lmbda_weights()
+
+    def set_lmbdas(self, lmbdas: list[float]) -> None:
+        """Give every stage its Lasso weight ``lmbda`` (in the layers and in ``config``)."""
+        for stage, lmbda in zip(self.stages, lmbdas):
+            stage.lmbda = float(lmbda)
+        stages = tuple(dataclasses.replace(s, lmbda=float(v)) for s, v in zip(self.config.stages, lmbdas))
+        self.config = dataclasses.replace(self.config, stages=stages)
+
+    def rebalance_thresholds(self) -> None:
+        """Every stage's ``CSCLayer.rebalance_thresholds``, the new ``lmbda`` recorded in ``config``: the
+        same model, with learned threshold factors of mean 1."""
+        self.set_lmbdas([stage.rebalance_thresholds() for stage in self.stages])
 
     def update_step_sizes(self, num_iters: int | None = None) -> list[float]:
         """Refresh every stage's Lipschitz constant (after the dictionaries changed)."""
@@ -106,28 +130,33 @@ class CSCAutoencoder(nn.Module):
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         self._check_images(x)
-        s = self.config.total_stride
-        h, w = x.shape[-2:]
-        pad_h, pad_w = (-h) % s, (-w) % s
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        return x
+        return pad_to_stride(x, self.config.total_stride)
 
     # ----------------------------------------------------------------------------- the model
+    def noise_std(self, sigma: torch.Tensor | float | None) -> torch.Tensor | float | None:
+        """A noise level on the 0..255 scale as a std on the scale of the model's values (``value_range``)."""
+        if sigma is None or not self.config.noise_adaptive:
+            return None
+        low, high = self.config.value_range
+        return sigma * ((high - low) / 255.0)
+
     def encode(
         self,
         x: torch.Tensor,
         lmbda_scale: torch.Tensor | float | None = None,
         all_stages: bool = False,
         form: str | None = None,
+        sigma: torch.Tensor | float | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Last-stage codes ``(B, K_L, ceil(H/S), ceil(W/S))``, or with ``all_stages`` every stage's codes.
-        ``form``: the FISTA form (``csc_serve.models.fista``), by default ``current_form()``."""
+        ``form``: the FISTA form (``csc_serve.models.fista``), by default ``current_form()``; ``sigma``: the noise
+        level of each image (class docstring)."""
         form = resolve_form(form)  # read once, before any tensor work: see resolve_form
         z = self._pad(x) - self.input_mean.to(x.dtype)
+        noise = self.noise_std(sigma)
         codes = []
         for stage in self.stages:
-            z = stage.encode(z, lmbda_scale, form)  # (B, K_l, H/s_1.../s_l, W/...)
+            z = stage.encode(z, lmbda_scale, form, noise)  # (B, K_l, H/s_1.../s_l, W/...)
             codes.append(z)
         return codes if all_stages else z
 
@@ -146,53 +175,79 @@ class CSCAutoencoder(nn.Module):
         return x
 
     def reconstruct(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None,
-                    form: str | None = None) -> torch.Tensor:
+                    form: str | None = None, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
         """``decode(encode(x))`` at the size of ``x``; with ``config.shift_average``, its mean over the
         shifts of ``x`` in ``config.shifts`` (all ``S^2``, ``S = total_stride``, unless ``shift_step`` thins
-        them): as one batch of every copy when traced, a few shifts per batch (``SHIFT_PASS_PIXELS``) in
-        eager mode. ``form`` as for ``encode``."""
+        them): shift by shift when traced (one copy's code maps alive at a time), a few shifts per batch
+        (``SHIFT_PASS_PIXELS``) in eager mode. ``form`` and ``sigma`` as for ``encode``."""
+        return self.reconstruct_counting(x, lmbda_scale, form, sigma, count=False)[0]
+
+    def reconstruct_counting(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None,
+                             form: str | None = None, sigma: torch.Tensor | float | None = None,
+                             count: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``reconstruct``, and where the codes it was made of are zero: ``(B, h, w)`` with ``h x w =
+        ceil(H/S) x ceil(W/S)``, at each position of the code grid the number of zero last-stage codes of
+        every shifted copy (each copy's first ``h x w`` positions; ``K`` per copy at most), or ``None`` when
+        ``count`` is false. Over the sum of the map, ``K * len(config.shifts) * h * w`` (``K`` for a model
+        without shift averaging) is the fraction of zero codes the reconstruction used."""
         form = resolve_form(form)
         size = tuple(x.shape[-2:])
         s = self.config.total_stride
         if not self.config.shift_average or s == 1:
-            return self.decode(self.encode(x, lmbda_scale, form=form), output_size=size)
+            codes = self.encode(x, lmbda_scale, form=form, sigma=sigma)  # (B, K, h, w)
+            return self.decode(codes, output_size=size), (zero_map(codes) if count else None)
         self._check_images(x)
         shifts = self.config.shifts
-        scale, exporting = lmbda_scale, is_exporting()
-        per_sample = isinstance(scale, torch.Tensor) and scale.dim() == 1 and (exporting or scale.shape[0] > 1)
-        if per_sample and not exporting and scale.shape[0] != x.shape[0]:
-            expected, got = (x.shape[0],), tuple(scale.shape)
-            raise ValueError(f"lmbda_scale must be a scalar or have shape {expected}, got {got}")
+        exporting = is_exporting()
+
+        def per_sample(value, name: str) -> bool:
+            many = isinstance(value, torch.Tensor) and value.dim() == 1 and (exporting or value.shape[0] > 1)
+            if many and not exporting and value.shape[0] != x.shape[0]:
+                raise ValueError(f"{name} must be a scalar or have shape {(x.shape[0],)}, got {tuple(value.shape)}")
+            return many
+
+        def repeated(value, many: bool, copies: int):
+            return value.repeat(copies) if many else value
+
+        scale_many, sigma_many = per_sample(lmbda_scale, "lmbda_scale"), per_sample(sigma, "sigma")
         h, w = size
+        code_h, code_w = -(-h // s), -(-w // s)
         if exporting:
-            group = len(shifts)  # one batch of every copy: a graph without loops
+            # One shift after the other: the runtime holds one copy's code maps at a time, not S^2 of them.
+            group = 1
         else:
             # Eager: a few shifts at a time, so memory and the working set follow one batch, not S^2 of them.
             group = max(1, SHIFT_PASS_PIXELS // ((h + s) * (w + s) * x.shape[0]))
-        total = None
+        total = zeros = None
         for first in range(0, len(shifts), group):
             part = shifts[first : first + group]
             copies = shifted_copies(x, part, s)
-            out = self.decode(self.encode(copies, scale.repeat(len(part)) if per_sample else scale, form=form))
-            crops = sum_of_unshifted(out, part, (h, w))
+            codes = self.encode(copies, repeated(lmbda_scale, scale_many, len(part)), form=form,
+                                sigma=repeated(sigma, sigma_many, len(part)))
+            crops = sum_of_unshifted(self.decode(codes), part, (h, w))
             total = crops if total is None else total + crops
-        return total / len(shifts)
+            if count:
+                counts = zero_map(codes[..., :code_h, :code_w]).unflatten(0, (len(part), -1)).sum(0)  # (B, h, w)
+                zeros = counts if zeros is None else zeros + counts
+        return total / len(shifts), zeros
 
     def lmbda_scale_for_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """The calibrated ``lmbda_scale`` for Gaussian noise of std ``sigma`` (0..255 scale), per sample."""
         knots = self.config.noise_calibration
         if knots is None:
             raise ValueError("this model has no noise calibration (train it with noise, or pass lmbda_scale)")
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
-        knot_sigma, knot_scale = torch.tensor(knots, dtype=torch.float64).unbind(1)
-        return interpolate_scale(sigma, knot_sigma, knot_scale).float()
+        if isinstance(sigma, torch.Tensor):
+            sigma = sigma.detach().cpu().numpy()
+        return torch.from_numpy(scale_for_sigma(knots, np.reshape(sigma, -1))).float()
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
         """Remove Gaussian noise of std ``sigma`` (0..255 scale, scalar or (B,)); estimated per image if None."""
         if sigma is None:
             sigma = estimate_noise_sigma(x)
         scale = self.lmbda_scale_for_sigma(sigma).to(x.device)
-        return self.reconstruct(x, scale.expand(x.shape[0]) if scale.numel() == 1 else scale)
+        scale = scale.expand(x.shape[0]) if scale.numel() == 1 else scale
+        return self.reconstruct(x, scale, sigma=torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
+                                .expand(x.shape[0]))
 
     def forward(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         return self.reconstruct(x, lmbda_scale)

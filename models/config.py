@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layer import PADDING_MODES
-
+PADDING_MODES = ("zeros", "circular")
 SHIFT_PATTERNS = ("grid", "quincunx")
+THRESHOLD_MODES = ("shared", "per_atom", "noise_affine")
 
 
 class ConfigError(ValueError):
@@ -48,7 +48,10 @@ def _check_float(name: str, value: Any) -> None:
 @dataclass(frozen=True)
 class StageConfig:
     """One encoder stage: a dictionary of ``num_atoms`` atoms and its FISTA solve. ``learned_steps``: every
-    FISTA step has a learned step size and threshold scale (``CSCLayer``); off, plain FISTA."""
+    FISTA step has a learned step size and threshold scale (``CSCLayer``); off, plain FISTA. ``thresholds``
+    (with learned steps): ``"shared"``, one threshold scale per step for every atom; ``"per_atom"``, one per
+    step and atom; ``"noise_affine"``, per step and atom and affine in the noise level of the input
+    (``csc_serve.models.fista``)."""
 
     num_atoms: int
     kernel_size: int
@@ -57,6 +60,7 @@ class StageConfig:
     num_steps: int = 2
     mu: float = 0.0
     learned_steps: bool = False
+    thresholds: str = "shared"
 
     def __post_init__(self) -> None:
         _check_int("num_atoms", self.num_atoms, 1)
@@ -71,6 +75,15 @@ class StageConfig:
         _check_float("mu", self.mu)
         if not isinstance(self.learned_steps, bool):
             raise ConfigError(f"learned_steps must be true or false, got {self.learned_steps!r}")
+        if self.thresholds not in THRESHOLD_MODES:
+            raise ConfigError(f"thresholds must be one of {THRESHOLD_MODES}, got {self.thresholds!r}")
+        if self.thresholds != "shared" and not self.learned_steps:
+            raise ConfigError(f"thresholds {self.thresholds!r} needs learned_steps")
+
+    @property
+    def noise_adaptive(self) -> bool:
+        """Whether the thresholds follow the noise level given with the input (``"noise_affine"``)."""
+        return self.thresholds == "noise_affine"
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,11 @@ class CSCConfig:
         return grid
 
     @property
+    def noise_adaptive(self) -> bool:
+        """Whether any stage's thresholds follow the noise level (its graphs then take ``sigma``)."""
+        return any(stage.noise_adaptive for stage in self.stages)
+
+    @property
     def code_channels(self) -> int:
         return self.stages[-1].num_atoms
 
@@ -165,8 +183,9 @@ class CSCConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        # learned_steps is written only where set: a plain model's config reads as it always has.
-        out["stages"] = [{k: v for k, v in dataclasses.asdict(s).items() if k != "learned_steps" or v}
+        # learned_steps and thresholds are written only where set: a plain model's config reads as it always has.
+        defaults = {"learned_steps": False, "thresholds": "shared"}
+        out["stages"] = [{k: v for k, v in dataclasses.asdict(s).items() if k not in defaults or v != defaults[k]}
                          for s in self.stages]
         if self.shift_step == 1:  # written only where set, as learned_steps
             del out["shift_step"]

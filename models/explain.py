@@ -82,7 +82,7 @@ def pixel_atoms(model: CSCAutoencoder, stage: int) -> torch.Tensor:
     return x[..., c - half : c + half + 1, c - half : c + half + 1]
 
 
-def atom_grid(atoms: np.ndarray, gap: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
+def tile_atoms(atoms: np.ndarray, gap: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
     """Atoms ``(K, C, h, w)`` tiled row-major in index order into ``rows x cols`` cells (``cols =
     ceil(sqrt(K))``), separated by ``gap`` white pixels (none around the edge), each atom stretched on its own to
     the full 0..255 range: uint8 pixels ``(rows*h + (rows-1)*gap, cols*w + (cols-1)*gap)`` for one channel, with
@@ -126,7 +126,7 @@ def atom_energy(codes: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def explain(model: CSCAutoencoder, image: np.ndarray | torch.Tensor, atoms: np.ndarray | list[int] | None,
-            lmbda_scale: float = 1.0, strongest: int = 0) -> Explanation:
+            lmbda_scale: float = 1.0, strongest: int = 0, sigma: float | None = None) -> Explanation:
     """The codes of ``image`` ``(C, H, W)``, its reconstruction at ``lmbda_scale`` (as ``model.reconstruct``:
     shift-averaged where the model says so), and the contributions of ``atoms`` (last-stage indices) to it;
     ``atoms=None``: of the ``strongest`` atoms by energy (ties to the lower index), in index order."""
@@ -134,7 +134,7 @@ def explain(model: CSCAutoencoder, image: np.ndarray | torch.Tensor, atoms: np.n
     size = tuple(x.shape[-2:])
     s = model.config.total_stride
     averaged = model.config.shift_average and s > 1
-    codes = model.encode(x, lmbda_scale)  # (1, K, h, w)
+    codes = model.encode(x, lmbda_scale, sigma=sigma)  # (1, K, h, w)
     if atoms is None:
         atoms = np.sort(np.argsort(-atom_energy(codes[0].numpy()), kind="stable")[:strongest])
     atoms = np.asarray(atoms, np.int64).reshape(-1)
@@ -149,7 +149,7 @@ def explain(model: CSCAutoencoder, image: np.ndarray | torch.Tensor, atoms: np.n
     reconstruction = torch.zeros_like(x)
     contributions = torch.zeros(len(atoms), *x.shape[1:], dtype=x.dtype)  # (n, C, H, W)
     for part in passes:
-        z = model.encode(shifted_copies(x, part, s), lmbda_scale) if averaged else codes  # (T', K, h', w')
+        z = model.encode(shifted_copies(x, part, s), lmbda_scale, sigma=sigma) if averaged else codes  # (T', K, h', w')
         reconstruction += sum_of_unshifted(model.decode(z), part, size)
         for i, atom in enumerate(atoms):
             contributions[i] += sum_of_unshifted(atom_synthesis(model, z, int(atom)), part, size)[0]
@@ -173,5 +173,5 @@ def atom_synthesis(model: CSCAutoencoder, codes: torch.Tensor, atom: int) -> tor
     return x
 
 
-__all__ = ["Explanation", "atom_energy", "atom_grid", "atom_mask", "atom_synthesis", "explain", "parse_atoms",
-           "pixel_atoms"]
+__all__ = ["Explanation", "atom_energy", "atom_mask", "atom_synthesis", "explain", "parse_atoms", "pixel_atoms",
+           "tile_atoms"]

@@ -14,7 +14,14 @@ own step size and threshold, ``alpha_k`` and ``tau_k`` (``ConvLasso.step_scales`
     eta_k   = alpha_k / (L + mu)
     z_k     = prox_{eta_k tau_k lmbda w lmbda_scale}( (1 - eta_k mu) y_k - eta_k D^T D y_k + eta_k D^T x )
 
-``alpha_k = tau_k = 1`` is plain FISTA. The forms write it differently:
+``alpha_k = tau_k = 1`` is plain FISTA. A layer with per-atom thresholds (``StageConfig.thresholds``
+``"per_atom"``) learns ``tau_k`` per atom, ``tau_kj``; with ``"noise_affine"`` it also learns a slope per step
+and atom, ``rho_kj``, and the threshold of sample ``b`` follows its noise level ``sigma_b`` (the image's
+noise std, on the scale of its values), as in CDLNet::
+
+    prox threshold of atom j at step k:   eta_k lmbda w_j lmbda_scale_b relu(tau_kj + rho_kj sigma_b)
+
+The forms write it differently:
 
 - ``"training"`` (``training_form``): as above, with the soft threshold ``relu(v - t) - relu(-v - t)``:
   what autograd differentiates.
@@ -138,7 +145,9 @@ class ConvLasso:
     ``mu`` the ridge weight.
     ``pointwise``: 1x1 atoms at stride 1, whose Gram operator ``D^T D`` is one K x K matrix.
     ``step_scales`` and ``threshold_scales``: ``alpha_k`` and ``tau_k`` of every step (tensors of shape
-    ``(num_steps,)``), or ``None`` for plain FISTA (both 1).
+    ``(num_steps,)``; per-atom thresholds: ``(num_steps, K)``), or ``None`` for plain FISTA (both 1).
+    ``threshold_slopes``: ``rho_kj`` of noise-affine thresholds, ``(num_steps, K)``, or ``None``; ``noise``:
+    ``sigma_b`` of every sample, ``(B,)`` on the scale of the input's values (``None``: 0).
     """
 
     analysis: Operator
@@ -151,14 +160,29 @@ class ConvLasso:
     pointwise: bool = False
     step_scales: torch.Tensor | None = None
     threshold_scales: torch.Tensor | None = None
+    threshold_slopes: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+
+    @property
+    def per_atom(self) -> bool:
+        """Whether the threshold scales differ between atoms (then no form folds them into the dictionary)."""
+        return self.threshold_scales is not None and self.threshold_scales.dim() == 2
 
     def step_factors(self, dtype: torch.dtype) -> tuple[list, list]:
-        """``alpha_k`` and ``alpha_k tau_k`` for every step, as 0-d tensors (plain FISTA: ``None``, a factor of 1)."""
+        """``alpha_k`` for every step as 0-d tensors, and the threshold factor of every step: ``alpha_k tau_k``
+        (0-d), or per atom ``alpha_k tau_kj`` (1, K, 1, 1), or noise-affine ``alpha_k relu(tau_kj + rho_kj
+        sigma_b)`` (B, K, 1, 1). Plain FISTA: ``None``, a factor of 1."""
         steps = len(self.momentum)
         if self.step_scales is None:
             return [None] * steps, [None] * steps
         alpha, tau = self.step_scales.to(dtype), self.threshold_scales.to(dtype)
-        return list(alpha.unbind()), list((alpha * tau).unbind())
+        if not self.per_atom:
+            return list(alpha.unbind()), list((alpha * tau).unbind())
+        tau = tau.view(steps, 1, -1, 1, 1)  # (steps, 1, K, 1, 1)
+        if self.threshold_slopes is not None and self.noise is not None:
+            sigma = self.noise.to(dtype).view(1, -1, 1, 1, 1)  # (1, B, 1, 1, 1)
+            tau = F.relu(tau + self.threshold_slopes.to(dtype).view(steps, 1, -1, 1, 1) * sigma)  # (steps, B, K, 1, 1)
+        return list(alpha.unbind()), list((alpha.view(-1, 1, 1, 1, 1) * tau).unbind())
 
 
 def _times(value: torch.Tensor, factor: torch.Tensor | float | None) -> torch.Tensor:

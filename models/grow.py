@@ -17,6 +17,15 @@ training can go on from it with the new capacity (``csc train --init``):
   ``[z^ / c, ..., z^ / c]``, which the widened stage synthesises to ``D z^``.
 - Larger atoms: each atom is zero-padded to ``kernel_size`` (odd, not smaller): the same convolutions.
 
+``deepen(model, stage, num_steps, thresholds)`` returns a model whose stage ``stage`` runs ``num_steps`` FISTA
+steps and/or learns its thresholds per atom (``StageConfig.thresholds``):
+
+- ``"shared"`` to ``"per_atom"``: ``tau_kj = tau_k`` for every atom; to ``"noise_affine"``: also ``rho_kj = 0``.
+  Both compute exactly what ``model`` computes.
+- More steps: step ``k >= n`` (``n`` the stage's steps) takes the step size and threshold scales of step
+  ``n - 1``, and FISTA's momentum runs on. The codes move (closer to the Lasso minimiser for plain steps), so
+  the model needs training (``csc train --init``) to use the steps it gained.
+
 ``perturb > 0`` breaks the symmetry that would keep the copies equal under training: copy ``j`` of atom ``i``
 moves by ``perturb * n_ij`` (Gaussian, with zero mean over the copies), then every atom goes back to unit
 norm. The model then computes almost, not exactly, what ``model`` does.
@@ -90,3 +99,59 @@ def widen(
     new.train(model.training)
     return new
 
+
+
+def deepen(
+    model: CSCAutoencoder,
+    stage: int = 0,
+    num_steps: int | None = None,
+    thresholds: str | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> CSCAutoencoder:
+    """A copy of ``model`` whose stage ``stage`` (0-based) runs ``num_steps`` FISTA steps (default: unchanged,
+    at least the current number) with thresholds ``thresholds`` (``"shared"``, ``"per_atom"`` or
+    ``"noise_affine"``, at least as fine as now; default: unchanged), as the module docstring says.
+    ``provenance`` replaces the config's (default: kept)."""
+    from .config import THRESHOLD_MODES
+
+    stages = model.config.stages
+    if not 0 <= stage < len(stages):
+        raise ValueError(f"stage must be between 1 and {len(stages)} (the model has {len(stages)}), got {stage + 1}")
+    old = stages[stage]
+    steps = old.num_steps if num_steps is None else num_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < old.num_steps:
+        raise ValueError(f"num_steps must be an integer, at least the stage's {old.num_steps}, got {steps!r}")
+    mode = old.thresholds if thresholds is None else thresholds
+    if mode not in THRESHOLD_MODES or THRESHOLD_MODES.index(mode) < THRESHOLD_MODES.index(old.thresholds):
+        finer = THRESHOLD_MODES[THRESHOLD_MODES.index(old.thresholds):]
+        raise ValueError(f"thresholds must be one of {', '.join(finer)} for this stage, got {thresholds!r}")
+    if not old.learned_steps and (mode != "shared" or steps != old.num_steps):
+        learned = dataclasses.replace(old, learned_steps=True)  # plain FISTA is learned steps at alpha = tau = 1
+    else:
+        learned = old
+    grown = list(stages)
+    grown[stage] = dataclasses.replace(learned, num_steps=steps, thresholds=mode)
+    config = dataclasses.replace(model.config, stages=tuple(grown))
+    if provenance is not None:
+        config = dataclasses.replace(config, provenance=provenance)
+    new = CSCAutoencoder(config).to(model.input_mean.device)
+
+    model.ensure_step_sizes()  # the copied step sizes must be those of the copied dictionaries
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    prefix = f"stages.{stage}."
+    target = new.stages[stage]
+    if target.learned_steps:
+        atoms = target.num_atoms
+        alpha = state.pop(prefix + "step_scales", torch.ones(old.num_steps))
+        tau = state.pop(prefix + "threshold_scales", torch.ones(old.num_steps))  # (n,) or (n, K)
+        if mode != "shared" and tau.dim() == 1:
+            tau = tau.view(-1, 1).expand(-1, atoms)  # (n, K): tau_kj = tau_k
+        extra = steps - old.num_steps
+        state[prefix + "step_scales"] = torch.cat([alpha, alpha[-1:].expand(extra)])
+        state[prefix + "threshold_scales"] = torch.cat([tau, tau[-1:].expand(extra, *tau.shape[1:])]).contiguous()
+        if mode == "noise_affine":
+            slopes = state.pop(prefix + "threshold_slopes", torch.zeros(old.num_steps, atoms))
+            state[prefix + "threshold_slopes"] = torch.cat([slopes, slopes[-1:].expand(extra, atoms)]).contiguous()
+    new.load_state_dict(state, strict=True)
+    new.train(model.training)
+    return new

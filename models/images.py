@@ -4,7 +4,9 @@ Every image becomes a float32 array ``(C, H, W)`` in [0, 1] with the model's cha
 alpha images are flattened (alpha composited onto white), 16-bit and 32-bit integer images are scaled by
 their own range, greyscale is replicated to RGB and RGB is converted to luma (ITU-R 601) for grey models.
 EXIF orientation is applied. A file that Pillow cannot decode raises ``ImageReadError`` naming the path.
-``to_float`` is the mode conversion alone, for images decoded elsewhere (the service's uploads).
+``to_float`` is the mode conversion alone, for images decoded elsewhere (the service's uploads). Two pieces of
+geometry serve every array the same way, numpy or torch: ``center_crop``, and ``pad_to_stride``, the padding
+every model, backend and tile gets before its strided convolutions.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "center_crop", "list_images", "load_image", "to_float"]
+__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "center_crop", "list_images", "load_image", "pad_to_stride",
+           "to_float"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -84,3 +87,18 @@ def center_crop(image, size: int):
     h, w = image.shape[-2:]
     top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
     return image[..., top : top + size, left : left + size]
+
+
+def pad_to_stride(images, stride: int):
+    """``images`` (..., H, W), a numpy array or a torch tensor of 3 or 4 dimensions, edge-padded at the bottom and
+    right to multiples of ``stride`` (a copy only where padding is needed). Every model and backend pads so
+    before its strided convolutions, and crops its results back."""
+    h, w = images.shape[-2:]
+    pad_h, pad_w = -h % stride, -w % stride
+    if not (pad_h or pad_w):
+        return images
+    if isinstance(images, np.ndarray):
+        return np.pad(images, [(0, 0)] * (images.ndim - 2) + [(0, pad_h), (0, pad_w)], mode="edge")
+    import torch.nn.functional as F
+
+    return F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import PADDING_MODES
 from .fista import ConvLasso, fista_momentum, is_exporting, rescaled_form, rescaled_form_applies, resolve_form, solve
 
-PADDING_MODES = ("zeros", "circular")
+MAX_STEP_SCALE = 2.0  # learned step sizes alpha_k / (L + mu) stay at or below 2 / (L + mu)
 
 
 def _fold_circular(y: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
@@ -55,7 +56,14 @@ class CSCLayer(nn.Module):
         z_k     = prox_{eta_k * tau_k * lmbda * w}( (1 - eta_k * mu) * y_k - eta_k * D^T D y_k + eta_k * D^T x ),
         eta_k   = alpha_k / (L + mu)
 
-    from ``z_0 = y_1 = 0``. ``prox`` is the soft threshold of code map ``k`` at ``eta * lmbda * w_k`` (or
+    from ``z_0 = y_1 = 0``. With ``thresholds="per_atom"`` the threshold scale is learned per step and atom,
+    ``tau_kj = threshold_scales[k, j]``; with ``"noise_affine"`` it also moves with the noise std ``sigma_b``
+    of each sample (``encode(..., noise=)``, on the scale of the input's values), with a learned slope
+    ``rho_kj = threshold_slopes[k, j]`` starting at 0:
+
+        threshold of atom j at step k  =  eta_k * lmbda * w_j * lmbda_scale_b * relu(tau_kj + rho_kj * sigma_b)
+
+    ``prox`` is the soft threshold of code map ``k`` at ``eta * lmbda * w_k`` (or
     ``relu(v - eta * lmbda * w_k)`` for non-negative codes). The weights ``w = lmbda_weights`` (one per atom,
     non-negative, 1 by default) are learned with the dictionary: atoms that carry image structure above the
     noise, such as the smooth ones, learn small weights, the rest large ones. ``eta * D^T x`` is computed
@@ -77,6 +85,7 @@ class CSCLayer(nn.Module):
         nonnegative: bool = True,
         mu: float = 0.0,
         learned_steps: bool = False,
+        thresholds: str = "shared",
     ):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -91,6 +100,10 @@ class CSCLayer(nn.Module):
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
         if lmbda < 0 or mu < 0:
             raise ValueError(f"lmbda and mu must be non-negative, got lmbda={lmbda}, mu={mu}")
+        if thresholds not in ("shared", "per_atom", "noise_affine"):
+            raise ValueError(f"thresholds must be 'shared', 'per_atom' or 'noise_affine', got {thresholds!r}")
+        if thresholds != "shared" and not learned_steps:
+            raise ValueError(f"thresholds {thresholds!r} needs learned_steps")
         self.in_channels = in_channels
         self.num_atoms = num_atoms
         self.kernel_size = kernel_size
@@ -101,6 +114,7 @@ class CSCLayer(nn.Module):
         self.nonnegative = nonnegative
         self.mu = float(mu)
         self.learned_steps = bool(learned_steps)
+        self.thresholds = thresholds
         self.padding = (kernel_size - 1) // 2
         # Fine enough to sample the Fourier symbol of D^T D near its peak.
         self.power_grid = max(32, 4 * -(-kernel_size // stride))
@@ -109,9 +123,12 @@ class CSCLayer(nn.Module):
         self.dictionary = nn.Parameter(torch.randn(num_atoms, in_channels, kernel_size, kernel_size))
         # Per-atom weights of the l1 penalty (the threshold of atom k is eta * lmbda * w_k * lmbda_scale).
         self.lmbda_weights = nn.Parameter(torch.ones(num_atoms))
-        if self.learned_steps:  # alpha_k and tau_k of every step
+        if self.learned_steps:  # alpha_k and tau_k (or tau_kj) of every step
             self.step_scales = nn.Parameter(torch.ones(num_steps))
-            self.threshold_scales = nn.Parameter(torch.ones(num_steps))
+            per_atom = (num_atoms,) if thresholds != "shared" else ()
+            self.threshold_scales = nn.Parameter(torch.ones(num_steps, *per_atom))
+        if thresholds == "noise_affine":  # rho_kj
+            self.threshold_slopes = nn.Parameter(torch.zeros(num_steps, num_atoms))
         # Largest eigenvalue of D^T D (a bound for every image size); the FISTA step is 1 / (L + mu).
         # Computed on first use (or loaded with the weights), so building a model to load into is cheap.
         self.register_buffer("lipschitz", torch.ones(()))
@@ -125,7 +142,13 @@ class CSCLayer(nn.Module):
             f"{self.in_channels}, {self.num_atoms}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"lmbda={self.lmbda}, num_steps={self.num_steps}, padding_mode={self.padding_mode!r}, "
             f"nonnegative={self.nonnegative}, mu={self.mu}" + (", learned_steps=True" if self.learned_steps else "")
+            + (f", thresholds={self.thresholds!r}" if self.thresholds != "shared" else "")
         )
+
+    @property
+    def noise_adaptive(self) -> bool:
+        """Whether the thresholds follow the noise level of the input (``thresholds="noise_affine"``)."""
+        return self.thresholds == "noise_affine"
 
     # ----------------------------------------------------------------------------- dictionary upkeep
     @torch.no_grad()
@@ -259,19 +282,44 @@ class CSCLayer(nn.Module):
 
     @torch.no_grad()
     def clamp_lmbda_weights(self) -> None:
-        """Project the penalty weights onto ``w >= 0``, and learned step and threshold scales onto ``>= 0``
-        (after an optimizer step)."""
+        """Project the penalty weights onto ``w >= 0``, learned threshold scales onto ``>= 0`` and learned step
+        scales onto ``[0, MAX_STEP_SCALE]`` (after an optimizer step): beyond a step of ``2 / L`` a gradient
+        step amplifies the top eigenvector of ``D^T D`` instead of shrinking it."""
         self.lmbda_weights.clamp_(min=0.0)
-        if self.learned_steps:
-            self.step_scales.clamp_(min=0.0)
+        if self.learned_steps:  # the slopes of noise-affine thresholds may take either sign
+            self.step_scales.clamp_(0.0, MAX_STEP_SCALE)
             self.threshold_scales.clamp_(min=0.0)
+
+    @torch.no_grad()
+    def rebalance_thresholds(self) -> float:
+        """Rescale the learned threshold factors to mean 1 and move their scale into ``lmbda``: every threshold
+        ``eta_k lmbda w_j tau_k`` stays as it is (exactly, up to float rounding), while the parameters that
+        training updates keep magnitudes of order 1, where an optimizer's step means the same to all of them.
+        Returns the new ``lmbda`` (the caller records it in the stage's config)."""
+        factor = 1.0
+        w = float(self.lmbda_weights.mean())
+        if w > 0:
+            self.lmbda_weights.div_(w)
+            factor *= w
+        if self.learned_steps:
+            tau = float(self.threshold_scales.mean())
+            if tau > 0:
+                self.threshold_scales.div_(tau)
+                if self.noise_adaptive:
+                    self.threshold_slopes.div_(tau)
+                factor *= tau
+        self.lmbda *= factor
+        return self.lmbda
 
     def threshold_parameters(self) -> list[nn.Parameter]:
         """The learned parameters of the thresholds and steps: ``lmbda_weights`` (and, with learned steps,
-        ``step_scales`` and ``threshold_scales``)."""
+        ``step_scales`` and ``threshold_scales``; noise-affine, ``threshold_slopes``)."""
+        params = [self.lmbda_weights]
         if self.learned_steps:
-            return [self.lmbda_weights, self.step_scales, self.threshold_scales]
-        return [self.lmbda_weights]
+            params += [self.step_scales, self.threshold_scales]
+        if self.noise_adaptive:
+            params.append(self.threshold_slopes)
+        return params
 
     def threshold(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None) -> torch.Tensor:
         """Per-sample, per-atom prox threshold ``eta * lmbda * w_k * lmbda_scale``, shape (B, K, 1, 1)."""
@@ -281,19 +329,22 @@ class CSCLayer(nn.Module):
         return base * self._sample_scale(x, lmbda_scale)
 
     @staticmethod
-    def _sample_scale(x: torch.Tensor, lmbda_scale: torch.Tensor | float) -> torch.Tensor:
-        """``lmbda_scale`` as one value per sample, shape (B, 1, 1, 1)."""
+    def _sample_scale(x: torch.Tensor, lmbda_scale: torch.Tensor | float, name: str = "lmbda_scale") -> torch.Tensor:
+        """``lmbda_scale`` (or another per-sample value, ``name``) as one value per sample, shape (B, 1, 1, 1)."""
         scale = torch.as_tensor(lmbda_scale, dtype=x.dtype, device=x.device)
         if not is_exporting() and (scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, x.shape[0]))):
-            raise ValueError(f"lmbda_scale must be a scalar or have shape ({x.shape[0]},), got {tuple(scale.shape)}")
+            raise ValueError(f"{name} must be a scalar or have shape ({x.shape[0]},), got {tuple(scale.shape)}")
         return scale.expand(x.shape[0]).reshape(-1, 1, 1, 1)
 
-    def _lasso(self, detach: bool = False) -> ConvLasso:
+    def _lasso(self, detach: bool = False, noise: torch.Tensor | None = None) -> ConvLasso:
         """This layer's operators and settings, as the FISTA forms take them (the step size as it is now);
-        ``detach``: the learned step and threshold scales without their gradients."""
+        ``detach``: the learned step and threshold scales without their gradients; ``noise``: the noise std of
+        every sample, (B,) (noise-affine thresholds)."""
         scales = (self.step_scales, self.threshold_scales) if self.learned_steps else (None, None)
+        slopes = self.threshold_slopes if self.noise_adaptive else None
         if detach and self.learned_steps:
             scales = tuple(t.detach() for t in scales)
+            slopes = None if slopes is None else slopes.detach()
         return ConvLasso(
             analysis=self._analysis,
             synthesis=self._synthesis,
@@ -305,27 +356,35 @@ class CSCLayer(nn.Module):
             pointwise=self.kernel_size == 1 and self.stride == 1,
             step_scales=scales[0],
             threshold_scales=scales[1],
+            threshold_slopes=slopes,
+            noise=noise if slopes is not None else None,
         )
 
     def encode(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None,
-               form: str | None = None) -> torch.Tensor:
+               form: str | None = None, noise: torch.Tensor | float | None = None) -> torch.Tensor:
         """Sparse codes of ``x`` after ``num_steps`` FISTA steps: (B, C, H, W) -> (B, K, H/s, W/s), in the FISTA
-        form ``form`` (default ``current_form()``; see ``csc_serve.models.fista``)."""
+        form ``form`` (default ``current_form()``; see ``csc_serve.models.fista``). ``noise``: the noise std of
+        each sample on the scale of the values of ``x`` (a scalar or (B,); ``None``: 0), which only
+        noise-affine thresholds read."""
         form = resolve_form(form)
         self._check_image(x)
         if not is_exporting():
             self.ensure_step_size()
-        if rescaled_form_applies(x, self.lmbda_weights, form):
+        if self.thresholds == "shared" and rescaled_form_applies(x, self.lmbda_weights, form):
             scale = None if lmbda_scale is None else self._sample_scale(x, lmbda_scale)  # (B, 1, 1, 1)
             return rescaled_form(x, self.dictionary, self.lmbda_weights, self.lmbda, scale, self._lasso())
-        return self.fista(x, self.dictionary, self.threshold(x, lmbda_scale), form)
+        return self.fista(x, self.dictionary, self.threshold(x, lmbda_scale), form, noise=noise)
 
     def fista(self, x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor,
-              form: str | None = None, detach_steps: bool = False) -> torch.Tensor:
+              form: str | None = None, detach_steps: bool = False,
+              noise: torch.Tensor | float | None = None) -> torch.Tensor:
         """The unrolled solver for an explicit dictionary ``weight`` and threshold ``thresh`` (B, K, 1, 1): the
         training form for ``form`` (default ``current_form()``) ``"training"``, else the folded form.
-        ``detach_steps``: learned step and threshold scales enter without their gradients."""
-        return solve(x, weight, thresh, self._lasso(detach_steps), form)
+        ``detach_steps``: learned step and threshold scales enter without their gradients. ``noise``: as for
+        ``encode``."""
+        if self.noise_adaptive and noise is not None:
+            noise = self._sample_scale(x, noise, "noise").view(-1)  # (B,)
+        return solve(x, weight, thresh, self._lasso(detach_steps, noise), form)
 
     def objective(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``0.5 ||x - D z||^2 + lmbda sum_k w_k ||z_k||_1 + mu/2 ||z||^2`` per sample, shape (B,)."""

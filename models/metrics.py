@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # The MSE floor, relative to data_range^2: a perfect estimate scores 120 dB, not inf (which JSON cannot hold).
 MSE_FLOOR = 1e-12
@@ -31,7 +35,8 @@ def psnr(
     array. Torch tensors give a tensor (computed in their dtype); numpy arrays are computed in float64 and
     give a float, or an array of them with ``per_image``.
     """
-    if isinstance(estimate, torch.Tensor) or isinstance(target, torch.Tensor):
+    torch = sys.modules.get("torch")  # tensors exist only where torch was imported
+    if torch is not None and (isinstance(estimate, torch.Tensor) or isinstance(target, torch.Tensor)):
         estimate, target = torch.as_tensor(estimate), torch.as_tensor(target)
         if clip:
             estimate = estimate.clamp(0, data_range)

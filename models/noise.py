@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["add_gaussian_noise", "estimate_noise_sigma"]
 
@@ -26,6 +30,8 @@ def add_gaussian_noise(
     may leave [0, 1]. ``images`` (B, C, H, W) or (C, H, W) in [0, 1]; ``sigma`` on the 0..255 scale,
     a scalar or a (B,) tensor with one level per image. ``generator`` must live on the images' device.
     """
+    import torch
+
     if not images.is_floating_point():
         images = images.float()
     sigma = torch.as_tensor(sigma, dtype=images.dtype, device=images.device)
@@ -39,8 +45,7 @@ def add_gaussian_noise(
     return images + sigma / 255.0 * noise
 
 
-@torch.no_grad()
-def estimate_noise_sigma(images: torch.Tensor, patch_size: int = 7) -> torch.Tensor:
+def estimate_noise_sigma(images: np.ndarray | torch.Tensor, patch_size: int = 7) -> np.ndarray | torch.Tensor:
     r"""Standard deviation of additive white Gaussian noise in each image, on the 0..255 scale.
 
     The patch-PCA method of G. Chen, F. Zhu and P. A. Heng, "An Efficient Statistical Method for
@@ -61,19 +66,22 @@ def estimate_noise_sigma(images: torch.Tensor, patch_size: int = 7) -> torch.Ten
     :math:`\hat\sigma = \sqrt{\tau_r}` (the paper's code asks for equality; ``\ge`` also stops when
     ties or an even ``r`` never balance the counts exactly). One pass, no iteration, no training.
 
-    ``images`` (B, C, H, W) or (C, H, W), floats in [0, 1]; returns (B,) float64 (B = 1 for a single
-    image), each image estimated on its own. Above ``MAX_PATCHES`` patches the patch grid is
-    subsampled with a regular stride, which is deterministic and leaves the estimate unchanged
-    within the sampling error. Raises ``ValueError`` for a wrong rank or an image too small for
-    ``MIN_PATCHES_PER_DIM * d`` patches.
+    ``images`` (B, C, H, W) or (C, H, W), floats in [0, 1], a numpy array or a torch tensor (on any device);
+    returns (B,) float64 of the same kind (a tensor on the CPU; B = 1 for a single image), each image estimated
+    on its own. The arithmetic is numpy's either way, so serving needs no PyTorch for it. Above
+    ``MAX_PATCHES`` patches the patch grid is subsampled with a regular stride, which is deterministic and
+    leaves the estimate unchanged within the sampling error. Raises ``ValueError`` for a wrong rank or an
+    image too small for ``MIN_PATCHES_PER_DIM * d`` patches.
     """
-    if images.ndim == 3:
-        images = images.unsqueeze(0)
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W) or (C, H, W), got shape {tuple(images.shape)}")
+    is_tensor = not isinstance(images, np.ndarray) and type(images).__module__.startswith("torch")
+    array = images.detach().cpu().numpy() if is_tensor else np.asarray(images)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W) or (C, H, W), got shape {tuple(array.shape)}")
     if patch_size < 2:
         raise ValueError(f"patch_size must be at least 2, got {patch_size}")
-    _, channels, height, width = images.shape
+    _, channels, height, width = array.shape
     dim = channels * patch_size * patch_size
     rows, cols = height - patch_size + 1, width - patch_size + 1
     if rows < 1 or cols < 1 or rows * cols < MIN_PATCHES_PER_DIM * dim:
@@ -84,33 +92,38 @@ def estimate_noise_sigma(images: torch.Tensor, patch_size: int = 7) -> torch.Ten
     stride = max(1, math.ceil(math.sqrt(rows * cols / MAX_PATCHES)))
     if math.ceil(rows / stride) * math.ceil(cols / stride) < MIN_PATCHES_PER_DIM * dim:
         stride = 1
-    sigmas = [_sigma_from_patches(_patches(image, patch_size, stride)) for image in images]
-    return torch.stack(sigmas).to(torch.float64) * 255.0
+    sigmas = np.array([_sigma_from_patches(_patches(image, patch_size, stride)) for image in array]) * 255.0
+    if is_tensor:
+        import torch
+
+        return torch.from_numpy(sigmas)
+    return sigmas
 
 
-def _patches(image: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
+def _patches(image: np.ndarray, patch_size: int, stride: int) -> np.ndarray:
     """(C, H, W) -> (N, C * p * p) float32 patch vectors on a grid with the given stride."""
-    cols = F.unfold(image.unsqueeze(0).to(torch.float32), patch_size, stride=stride)  # (1, d, N)
-    return cols[0].T  # (N, d)
+    windows = sliding_window_view(image.astype(np.float32, copy=False), (patch_size, patch_size), axis=(1, 2))
+    windows = windows[:, ::stride, ::stride]  # (C, rows, cols, p, p)
+    return windows.transpose(1, 2, 0, 3, 4).reshape(-1, image.shape[0] * patch_size * patch_size)
 
 
-def _sigma_from_patches(patches: torch.Tensor) -> torch.Tensor:
-    """Chen-Zhu-Heng noise level (0..1 scale, a 0-d float64 tensor on the CPU) from (N, d) patches.
+def _sigma_from_patches(patches: np.ndarray) -> float:
+    """Chen-Zhu-Heng noise level (0..1 scale) from (N, d) patches.
 
     The covariance is summed in float32 over centred patches (relative error ~1e-6 of its entries, far below
     the sampling error of the estimate) and decomposed in float64.
     """
-    centred = patches - patches.mean(dim=0)  # (N, d)
-    covariance = (centred.T @ centred).to(torch.float64) / patches.shape[0]  # (d, d)
-    eigenvalues = torch.linalg.eigvalsh(covariance).cpu()  # (d,) ascending
-    d = eigenvalues.numel()
-    ranks = torch.arange(1, d + 1)
-    tau = torch.cumsum(eigenvalues, 0) / ranks.to(eigenvalues.dtype)  # tau[r - 1] = mean of e_1..e_r
+    centred = patches - patches.mean(axis=0)  # (N, d)
+    covariance = (centred.T @ centred).astype(np.float64) / patches.shape[0]  # (d, d)
+    eigenvalues = np.linalg.eigvalsh(covariance)  # (d,) ascending
+    d = eigenvalues.size
+    ranks = np.arange(1, d + 1)
+    tau = np.cumsum(eigenvalues) / ranks  # tau[r - 1] = mean of e_1..e_r
     # Row r - 1 counts, among e_1..e_r, the eigenvalues above and below tau_r: every r at once.
-    inside = ranks.view(1, d) <= ranks.view(d, 1)  # (d, d): column i is within the first r
-    above = ((eigenvalues.view(1, d) > tau.view(d, 1)) & inside).sum(1)
-    below = ((eigenvalues.view(1, d) < tau.view(d, 1)) & inside).sum(1)
-    stops = torch.nonzero((above >= below)[1:]).flatten()  # candidates r = 2..d
-    if stops.numel() == 0:
-        return eigenvalues[0].clamp_min(0).sqrt()  # r = 1: a single eigenvalue is its own median
-    return tau[int(stops[-1]) + 1].clamp_min(0).sqrt()  # the largest r that stops
+    inside = ranks[None, :] <= ranks[:, None]  # (d, d): column i is within the first r
+    above = ((eigenvalues[None, :] > tau[:, None]) & inside).sum(1)
+    below = ((eigenvalues[None, :] < tau[:, None]) & inside).sum(1)
+    stops = np.flatnonzero((above >= below)[1:])  # candidates r = 2..d
+    if stops.size == 0:
+        return math.sqrt(max(float(eigenvalues[0]), 0.0))  # r = 1: a single eigenvalue is its own median
+    return math.sqrt(max(float(tau[int(stops[-1]) + 1]), 0.0))  # the largest r that stops

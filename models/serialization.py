@@ -19,11 +19,12 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from .config import ConfigError, CSCConfig
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -104,6 +105,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 
 def _weights(model: SavableModel) -> dict[str, torch.Tensor]:
+    import torch
+
     model.ensure_step_sizes()  # the saved L must belong to the saved dictionaries
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
 
@@ -117,6 +120,7 @@ def weights_sha256(model: SavableModel) -> str:
 
 def save_pretrained(model: SavableModel, directory: str | os.PathLike) -> str:
     """Write the model's weights, then its config (which names the weights' sha256). Returns the hash."""
+    import torch
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -199,6 +203,8 @@ def check_weights(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, to
     """``ModelLoadError`` naming the file ``weights`` unless ``tensors`` holds exactly the names and shapes of
     ``expected`` (the state of a model built from the config), finite floats, positive step-size constants and
     non-negative penalty weights."""
+    import torch
+
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

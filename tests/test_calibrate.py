@@ -8,7 +8,8 @@ import torch
 
 from csc_serve.cli.main import main
 from csc_serve.models import CSCAutoencoder, load_pretrained
-from csc_serve.training.evaluate import _golden_section, evaluate_images, refine_calibration
+from csc_serve.training.calibration import _golden_section, refine_calibration
+from csc_serve.training.evaluate import evaluate_images
 
 from .conftest import tiny_config
 from .test_training import write_image_folder

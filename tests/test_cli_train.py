@@ -57,6 +57,32 @@ def test_eval_is_reproducible_and_seeded(trained, tmp_path):
     assert results[0] == results[1] != results[2]
 
 
+def test_eval_on_the_training_holdout(trained, tmp_path, capsys):
+    """--holdout evaluates the images a training with that fraction never saw, and only those."""
+    import shutil
+
+    from csc_serve.models.images import list_images
+    from csc_serve.training.data import split_paths
+
+    data, model = trained
+    held = split_paths(list_images(data), 0.3, 0)[1]
+    assert 0 < len(held) < len(list_images(data))
+    only = tmp_path / "held"
+    only.mkdir()
+    for path in held:
+        shutil.copy(path, only / path.name)
+    records = []
+    for folder, extra in ((data, ["--holdout", "0.3"]), (only, [])):
+        out = tmp_path / f"{len(records)}.json"
+        args = ["eval", str(model), "--data", str(folder), "--task", "denoise", "--json", str(out), *extra]
+        assert main(args) == 0
+        records.append(json.loads(out.read_text()))
+    assert records[0]["images"] == len(held)
+    assert records[0]["per_image"] == records[1]["per_image"]
+    assert main(["eval", str(model), "--data", str(data), "--holdout", "1.5"]) != 0
+    assert "holdout_fraction must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_blind_eval_reports_its_estimate(trained, capsys):
     data, model = trained
     assert main(["eval", str(model), "--data", str(data), "--task", "denoise", "--sigma", "30", "--blind"]) == 0

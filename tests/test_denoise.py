@@ -97,7 +97,8 @@ def test_larger_sigma_gives_sparser_codes(smooth_images):
 
 
 def test_refined_calibration_is_never_worse_on_its_images(smooth_images):
-    from csc_serve.training.evaluate import evaluate_images, refine_calibration
+    from csc_serve.training.calibration import refine_calibration
+    from csc_serve.training.evaluate import evaluate_images
 
     torch.manual_seed(0)
     model = CSCAutoencoder(tiny_config(noise_calibration=KNOTS)).eval()

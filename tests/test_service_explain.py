@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from csc_serve.models import CSCAutoencoder
-from csc_serve.models.explain import atom_grid, atom_mask, explain, parse_atoms, pixel_atoms
+from csc_serve.models.explain import atom_mask, explain, parse_atoms, pixel_atoms, tile_atoms
 from csc_serve.service.process import ServerProcess
 
 from .conftest import tiny_config
@@ -143,14 +143,14 @@ def test_pixel_atoms_are_what_a_unit_code_adds_to_the_image(stage):
 
 def test_the_atom_grid_is_row_major_with_one_pixel_separators():
     atoms = np.random.default_rng(0).normal(size=(7, 3, 4, 5)).astype(np.float32)
-    pixels, layout = atom_grid(atoms)
+    pixels, layout = tile_atoms(atoms)
     assert layout == (3, 3) and pixels.shape == (3 * 4 + 2, 3 * 5 + 2, 3) and pixels.dtype == np.uint8
     assert (pixels[4] == 255).all() and (pixels[:, 5] == 255).all()  # the separators
     cell = pixels[5:9, 6:11]  # atom 4: row 1, column 1
     assert cell.min() == 0 and cell.max() == 255
     stretched = (atoms[4] - atoms[4].min()) / (atoms[4].max() - atoms[4].min()) * 255
     np.testing.assert_allclose(cell, stretched.transpose(1, 2, 0), atol=0.5 + 1e-3)
-    grey, _ = atom_grid(atoms[:, :2])  # neither grey nor colour: the mean of the channels
+    grey, _ = tile_atoms(atoms[:, :2])  # neither grey nor colour: the mean of the channels
     assert grey.shape == (14, 17)
 
 

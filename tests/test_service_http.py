@@ -155,10 +155,17 @@ def test_large_images_are_tiled_and_equal_the_untiled_result(server, backend):
 
 def test_metrics_and_readiness(server):
     assert server.status("/readyz") == 200 and server.status("/livez") == 200
+    answer = post(server, "/denoise", files={"image": ("x.npy", npy(image(20, 24, seed=5)))}, data={"sigma": "25"})
+    assert answer.status_code == 200, answer.text
+    assert {"queue;", "backend;", "total;"} <= {part.strip().split("dur=")[0] for part in
+                                               answer.headers["server-timing"].split(",")}
     text = httpx.get(server.url + "/metrics", timeout=30).text
     for name in ("csc_batch_size_bucket", "csc_queue_wait_seconds_count", "csc_batch_seconds_sum",
                  'csc_images_total{endpoint=', "bentoml_service_request_duration_seconds_count"):
         assert name in text, name
+    for stage in ("read", "queue", "batch", "backend", "encode", "total"):
+        bucket = rf'csc_stage_seconds_bucket{{endpoint="denoise",le="[^"]+",stage="{stage}"}} [1-9]'
+        assert re.search(bucket, text), stage
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -132,22 +132,32 @@ def test_bentoml_build_references_the_service_the_code_and_the_store_model(home,
     assert {r["name"] for r in info["schema"]["routes"]} >= {"encode", "decode", "reconstruct", "denoise", "metadata"}
 
 
-def test_csc_bench_http_reports_throughput_latency_errors_memory_and_the_raw_ratio(home, server, tmp_path):
+def test_csc_bench_http_reports_every_endpoint_against_the_raw_backend_and_the_memory(home, server, tmp_path):
     _, env = home
     out = tmp_path / "http.json"
     result = csc({**env, "CSC_SERVE_TOKEN": TOKEN}, "bench", "--http", server.url, "--clients", "4", "--duration",
-                 "3", "--warmup", "1", "--sizes", "32", "--json", str(out))
+                 "2", "--warmup", "1", "--sizes", "32", "--rounds", "2", "--large", "96", "--json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["errors"] == 0 and report["requests"] > 0 and report["throughput_rps"] > 0
-    assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
-    raw = report["raw_backend"]
-    assert raw["backend"] == "onnxruntime-cpu" and len(raw["images_per_s_runs"]) == 2  # before and after the load
-    assert raw["images_per_s"] == pytest.approx(sum(raw["images_per_s_runs"]) / 2) and raw["images_per_s"] > 0
-    assert report["ratio_to_raw"] == pytest.approx(report["throughput_rps"] / report["raw_backend"]["images_per_s"])
-    assert report["memory"]["samples"] >= 2 and report["memory"]["rss_bytes_end"] > 0
-    assert report["config"]["size"] == 32 and report["config"]["endpoint"] == "denoise"
-    assert "throughput" in result.stdout and "p99" in result.stdout
+    assert report["memory_source"] == "worker (/metadata)" and report["idle_bytes"] > 0
+    large = report["large"]
+    assert large["status"] == 200 and large["size"] == 96 and large["seconds"] > 0 and large["direct_seconds"] > 0
+    assert large["ratio_to_direct"] == pytest.approx(large["seconds"] / large["direct_seconds"])
+    assert "backend;dur=" in large["server_timing"] and large["sigma"] > 0 and large["peak_bytes"] > 0
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for rnd in report["rounds"]:
+        assert list(rnd["endpoints"]) == ["encode", "reconstruct", "denoise"] and rnd["end_bytes"] > 0
+        for endpoint, e in rnd["endpoints"].items():
+            assert e["errors"] == 0 and e["requests"] > 0 and e["throughput_rps"] > 0, endpoint
+            assert 0 < e["latency_ms"]["p50"] <= e["latency_ms"]["p99"]
+            raw = e["raw_backend"]
+            assert raw["backend"] == "onnxruntime-cpu" and len(raw["images_per_s_runs"]) == 2  # before and after
+            assert raw["call"] == ("encode_counting" if endpoint == "encode" else "reconstruct_counting")
+            assert e["ratio_to_raw"] == pytest.approx(e["throughput_rps"] / raw["images_per_s"])
+    growth = report["targets"]["round_growth"]
+    ends = [r["end_bytes"] for r in report["rounds"]]
+    assert growth == pytest.approx((ends[1] - ends[0]) / ends[0])
+    assert "/encode" in result.stdout and "p99" in result.stdout and "blind /denoise" in result.stdout
 
 
 def _png() -> bytes:

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from csc_serve.models import CSCAutoencoder, CSCConfig, StageConfig, load_pretrained
-from csc_serve.training.evaluate import evaluate_images, move_reconstruction_setting, sparsest_reconstruction_scale
+from csc_serve.training.calibration import move_reconstruction_setting, sparsest_reconstruction_scale
+from csc_serve.training.evaluate import evaluate_images
 from csc_serve.training.presets import PRESETS
 from csc_serve.training.run import train
 from csc_serve.training.trainer import Calibration, TrainConfig, Trainer, init_dictionaries
@@ -210,9 +211,10 @@ def test_recon_psnr_makes_scale_one_the_sparsest_reconstruction_meeting_it(data_
     a, b = load_pretrained(plain), load_pretrained(moved)
     factor = b.config.provenance["reconstruction_scale_factor"]
     assert factor > 1.2
-    for before, after in zip(a.stages, b.stages):  # the same training; only the penalty weights moved
+    for before, after, stage in zip(a.stages, b.stages, b.config.stages):  # the same training; only lmbda moved
         torch.testing.assert_close(after.dictionary, before.dictionary, rtol=0, atol=0)
-        torch.testing.assert_close(after.lmbda_weights, before.lmbda_weights * factor)
+        torch.testing.assert_close(after.lmbda_weights, before.lmbda_weights, rtol=0, atol=0)
+        assert after.lmbda == stage.lmbda == pytest.approx(before.lmbda * factor)
     record = json.loads((moved / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["holdout_psnr"] == pytest.approx(reached)  # metrics are logged before the move
     images = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -255,3 +257,16 @@ def test_sparsest_reconstruction_scale_is_the_largest_meeting_the_target():
         stage.lmbda_weights.data.mul_(0.01)
     scale = sparsest_reconstruction_scale(model, images, target)
     assert scale > 150 and quality(scale) >= target > quality(scale * 1.05)
+
+
+def test_the_default_preset_is_the_architecture_of_the_bundled_model():
+    """`csc train` without --preset builds the network that ships (its trained lmbda and noise map aside)."""
+    from csc_serve.cli.main import build_parser
+
+    bundled, preset = load_pretrained("csc-ctrl-rgb").config, PRESETS["csc-ctrl-rgb"]
+    assert [dataclasses.replace(s, lmbda=0.0) for s in bundled.stages] == \
+        [dataclasses.replace(s, lmbda=0.0) for s in preset.stages]
+    ignored = {"stages": preset.stages, "noise_calibration": None, "provenance": {}}
+    assert dataclasses.replace(bundled, **ignored) == dataclasses.replace(preset, **ignored)
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o"])
+    assert args.preset == "csc-ctrl-rgb"

@@ -46,8 +46,7 @@ def test_batches_keep_the_draws_of_seed_step_and_rank(data_dir):
     images = batches.images
     for step in (0, 5):
         rng = np.random.default_rng([3, step, 1])
-        images.set_epoch(step)
-        clean = torch.stack([images[int(i)] for i in rng.integers(0, len(images), 4)])
+        clean = torch.stack([images.crop(int(i), step) for i in rng.integers(0, len(images), 4)])
         sigma = torch.from_numpy(rng.uniform(0, 30.0, 4) * (rng.random(4) >= 0.25)).float()
         gen = torch.Generator().manual_seed(3 * 1_000_003 + step * 101 + 1)
         noisy = clean + sigma.view(-1, 1, 1, 1) / 255.0 * torch.randn(clean.shape, generator=gen)

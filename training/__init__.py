@@ -2,7 +2,7 @@
 
 from .data import ImageFolderDataset, ImageReadError, list_images, load_image, split_paths
 from .evaluate import EvalResult, evaluate_images, psnr
-from .figures import atom_grid, effective_atoms, save_atom_figures, save_training_figures
+from .figures import atom_image, effective_atoms, save_atom_figures, save_training_figures
 from .losses import binary_rate_reduction, class_rate_reduction, coding_rate, compression_rate, rate_reduction
 from .run import train
 from .trainer import TrainConfig, Trainer
@@ -13,7 +13,7 @@ __all__ = [
     "ImageReadError",
     "TrainConfig",
     "Trainer",
-    "atom_grid",
+    "atom_image",
     "binary_rate_reduction",
     "class_rate_reduction",
     "coding_rate",

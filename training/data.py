@@ -32,11 +32,12 @@ def split_paths(paths: Sequence[Path], holdout_fraction: float, seed: int) -> tu
     return train, holdout
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Random ``crop_size`` crops (and flips) of a list of images, as float32 tensors ``(C, S, S)``.
+class ImageFolderDataset:
+    """Random ``crop_size`` crops (and flips) of a list of images, as float32 tensors ``(C, S, S)``: ``crop(index,
+    epoch)`` draws from the seed, the image and the epoch alone (the trainer's step batches pass the step).
 
     Images smaller than the crop are padded by reflection. ``cache`` keeps decoded images in memory (the
-    default: training sets here are small). Call ``set_epoch`` to draw new crops.
+    default: training sets here are small).
     """
 
     def __init__(
@@ -54,14 +55,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         self.paths = [Path(p) for p in paths]
         self.channels, self.crop_size, self.flips, self.seed = channels, crop_size, flips, seed
-        self.epoch = 0
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def image(self, index: int) -> np.ndarray:
         if self._cache is None:
@@ -69,9 +66,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if index not in self._cache:
             self._cache[index] = load_image(self.paths[index], self.channels)
         return self._cache[index]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.crop(index, self.epoch)
 
     def crop(self, index: int, epoch: int) -> torch.Tensor:
         """The crop of image ``index`` in ``epoch`` (the whole image when ``crop_size`` is None), ``(C, S, S)``."""

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from csc_serve.models import CSCAutoencoder
-from csc_serve.models.explain import atom_grid as tile_atoms
-from csc_serve.models.explain import pixel_atoms
+from csc_serve.models.explain import pixel_atoms, tile_atoms
 from csc_serve.models.serialization import atomic_write
 
 
@@ -23,9 +22,9 @@ def effective_atoms(model: CSCAutoencoder, stage: int) -> torch.Tensor:
     return pixel_atoms(model, stage)
 
 
-def atom_grid(atoms: torch.Tensor, scale: int = 4, gap: int = 1) -> Image.Image:
+def atom_image(atoms: torch.Tensor, scale: int = 4, gap: int = 1) -> Image.Image:
     """Tile atoms ``(K, C, h, w)`` into one image, each atom stretched to the full grey/colour range: the grid
-    of ``/atoms`` (``csc_serve.models.explain.atom_grid``) with a ``gap`` border, enlarged ``scale`` times."""
+    of ``/atoms`` (``csc_serve.models.explain.tile_atoms``) with a ``gap`` border, enlarged ``scale`` times."""
     pixels, _ = tile_atoms(atoms.detach().cpu().numpy(), gap)
     border = ((gap, gap), (gap, gap)) + ((0, 0),) * (pixels.ndim - 2)
     img = Image.fromarray(np.pad(pixels, border, constant_values=255))
@@ -40,7 +39,7 @@ def save_atom_figures(model: CSCAutoencoder, out_dir: str | os.PathLike, scale: 
     for stage in range(len(model.stages)):
         atoms = effective_atoms(model, stage).float()  # neither grey nor colour: the grid shows the channel mean
         path = out_dir / f"atoms_stage{stage + 1}.png"
-        grid = atom_grid(atoms, scale=scale)
+        grid = atom_image(atoms, scale=scale)
         atomic_write(path, lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
         paths.append(path)
     return paths

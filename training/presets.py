@@ -5,9 +5,24 @@ from __future__ import annotations
 from csc_serve.models import CSCConfig, StageConfig
 
 PRESETS: dict[str, CSCConfig] = {
+    # The architecture of the bundled default model, csc-ctrl-rgb (models/pretrained/README.md: how it was
+    # trained and measured), and what `csc train` builds without --preset: 256 colour atoms of 9x9 on a stride-4
+    # grid with 7 learned FISTA steps, then 128 1x1 atoms over their codes with 2; reconstruct and denoise
+    # average 8 of the 16 shifts of the grid (quincunx).
+    "csc-ctrl-rgb": CSCConfig(
+        in_channels=3,
+        stages=(
+            StageConfig(num_atoms=256, kernel_size=9, stride=4, lmbda=0.01, num_steps=7, learned_steps=True),
+            StageConfig(num_atoms=128, kernel_size=1, stride=1, lmbda=0.01, num_steps=2, learned_steps=True),
+        ),
+        nonnegative=False,
+        input_mean=(0.5, 0.5, 0.5),
+        shift_average=True,
+        shift_pattern="quincunx",
+    ),
     # Colour, 5x5 atoms at full resolution, then a 1x1 stage over their codes (45 KB): about a fifth of the
     # inference cost of csc-ctrl-rgb-s4, about 1.4 dB less at sigma 25.
-    "csc-ctrl-rgb": CSCConfig(
+    "csc-ctrl-rgb-s1": CSCConfig(
         in_channels=3,
         stages=(
             StageConfig(num_atoms=75, kernel_size=5, stride=1, lmbda=0.003, num_steps=8),
@@ -17,7 +32,7 @@ PRESETS: dict[str, CSCConfig] = {
         input_mean=(0.5, 0.5, 0.5),
     ),
     # Colour, 9x9 atoms on a stride-4 grid averaged over its 16 shifts (cycle spinning), then a 1x1 stage over
-    # their codes (130 KB): the previous bundled default.
+    # their codes (130 KB): the first bundled default.
     "csc-ctrl-rgb-s4": CSCConfig(
         in_channels=3,
         stages=(
@@ -28,9 +43,9 @@ PRESETS: dict[str, CSCConfig] = {
         input_mean=(0.5, 0.5, 0.5),
         shift_average=True,
     ),
-    # The bundled default (models/pretrained/README.md): colour, 128 9x9 atoms on a stride-4 grid averaged over
-    # its 16 shifts, then a 1x1 stage, both with learned per-step step sizes and thresholds: 7 + 2 FISTA steps,
-    # about the inference cost of csc-ctrl-rgb-s4 (190 KB).
+    # Where the bundled default started (models/pretrained/README.md): colour, 128 9x9 atoms on a stride-4 grid
+    # averaged over its 16 shifts, then a 1x1 stage, both with learned per-step step sizes and thresholds: 7 + 2
+    # FISTA steps, about the inference cost of csc-ctrl-rgb-s4 (190 KB).
     "csc-ctrl-rgb-s4-learned": CSCConfig(
         in_channels=3,
         stages=(

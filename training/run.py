@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,9 +33,10 @@ from csc_serve.models import CSCAutoencoder, CSCConfig, load_pretrained
 from csc_serve.models.images import center_crop
 from csc_serve.models.serialization import atomic_write, save_pretrained
 
+from .calibration import move_reconstruction_setting, refine_calibration, sparsest_reconstruction_scale
 from .data import ImageFolderDataset, list_images, load_image, split_paths
 from .device import autocast, describe_device, init_distributed, resolve_device
-from .evaluate import evaluate_images, move_reconstruction_setting, refine_calibration, sparsest_reconstruction_scale
+from .evaluate import evaluate_images
 from .loader import batch_loader
 from .progress import CheckpointTimer, StopSignals, Throughput, TrainingInterrupted, agree_on_stop
 from .trainer import TrainConfig, Trainer, _world, init_dictionaries
@@ -101,7 +103,9 @@ def save_checkpoint(trainer: Trainer, out: Path) -> None:
         tensors.update(_loop_tensors(trainer))
         save_file(tensors, tmp / "optimizer.safetensors")
         state = {"step": trainer.step, "param_groups": groups, "history": trainer.history,
-                 "train_config": dataclasses.asdict(trainer.config), "train_seconds": round(trainer.seconds(), 1)}
+                 "train_config": dataclasses.asdict(trainer.config), "train_seconds": round(trainer.seconds(), 1),
+                 "lr_factor": trainer.lr_factor, "rollbacks": trainer.guard.rollbacks,
+                 "probe_best": trainer.guard.best if math.isfinite(trainer.guard.best) else None}
         (tmp / "state.json").write_text(json.dumps(state))
         final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
         if final.exists():
@@ -116,7 +120,7 @@ def save_checkpoint(trainer: Trainer, out: Path) -> None:
 
 # Settings a resumed run may change; any other difference would make it a different run.
 RESUMABLE_CHANGES = ("out", "iterations", "checkpoint_every", "eval_every", "eval_images", "figures", "recon_psnr",
-                     "device", "bf16", "workers", "checkpoint_minutes")
+                     "device", "bf16", "workers", "checkpoint_minutes", "rollback_every", "rollback_tolerance")
 
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig) -> None:
@@ -160,7 +164,10 @@ def train(
 ) -> Path:
     """Train and write the model to ``config.out``; returns that directory. On SIGINT or SIGTERM, writes a
     checkpoint after the current step and raises ``TrainingInterrupted``. ``command`` (the command line) goes
-    into the provenance of a run started from ``init``, whose own provenance is kept under ``"init"``."""
+    into the provenance of a run started from ``init``, whose own provenance is kept under ``"init"``. A run
+    from ``init`` starts from the reconstruction setting that model was trained at (undoing its
+    ``recon_psnr`` move, ``provenance.reconstruction_scale_factor``) and with its threshold factors rebalanced
+    (``CSCAutoencoder.rebalance_thresholds``): the same model, parametrised for the optimizer."""
     device = resolve_device(config.device)  # before anything is written: a missing device leaves no trace
     init_distributed(device)
     rank, world = _world()
@@ -176,6 +183,11 @@ def train(
         model = load_pretrained(checkpoint / "model").train()
     elif init is not None:
         model = load_pretrained(init).train()
+        moved = model.config.provenance.get("reconstruction_scale_factor")
+        if moved:  # back to the setting it was trained at: lmbda_scale 1 for clean images
+            knots = move_reconstruction_setting(model, 1.0 / float(moved))
+            model.config = dataclasses.replace(model.config, noise_calibration=knots or None)
+        model.rebalance_thresholds()  # the same model, with threshold factors of order 1 for the optimizer
         provenance = {"init": {"model": str(init), **model.config.provenance}}
         if command:
             provenance = {"command": command, **provenance}
@@ -203,6 +215,9 @@ def train(
         _load_optimizers(trainer, tensors, state["param_groups"])
         _restore_loop(trainer, tensors)
         trainer.step, trainer.history = state["step"], state["history"]
+        trainer.lr_factor = state.get("lr_factor", 1.0)
+        trainer.guard.rollbacks = state.get("rollbacks", 0)
+        trainer.guard.best = state.get("probe_best") or math.inf
         trainer.prior_seconds = state.get("train_seconds", state["history"][-1]["seconds"] if state["history"] else 0.0)
     if rank == 0:  # the log restarts from what the checkpoint knows: no lines from steps run twice
         lines = "".join(json.dumps(record) + "\n" for record in trainer.history)
@@ -237,6 +252,12 @@ def _train_steps(trainer: Trainer, out: Path, progress: bool) -> None:
                     metrics = trainer.train_step(trainer.step, batch)
                 metrics["crops_per_s"] = round(meter.stop(), 1)
                 trainer.step += 1
+                checked = trainer.guard.after_step(trainer.step)
+                if checked.get("rolled_back"):
+                    bar.write(f"step {trainer.step}: the probe loss rose to {checked['probe_loss']:.3f} (best "
+                              f"{trainer.guard.best:.3f}): back to the last good state, learning rates x"
+                              f"{trainer.lr_factor:g}")
+                metrics.update(checked, rollbacks=trainer.guard.rollbacks)
                 bar.update(1)
                 bar.set_postfix(psnr=f"{metrics['train_psnr']:.2f}", zeros=f"{metrics['zero_fraction']:.2f}",
                                 crops_s=f"{metrics['crops_per_s']:.0f}")

@@ -38,12 +38,13 @@ encodes the batch at ``n`` shifts drawn from the ``S^2`` (without replacement, f
 ``X^`` is the mean of their reconstructions, shifted back; ``Z`` are the codes of the first drawn shift.
 With ``w_rate = 0`` the game reduces to supervised denoising of ``x~`` towards ``x``. After every
 update the atoms are projected to unit norm, the weights ``w`` onto ``w >= 0``, and a warm-started power
-iteration refreshes the FISTA step size. After the last step, ``recon_psnr > 0`` moves the reconstruction
-setting: with ``c`` the largest scale whose held-out reconstruction PSNR stays at ``recon_psnr``, ``w <- c w`` and
-``s(sigma) <- s(sigma) / c`` for ``sigma > 0``, so ``s(0) = 1`` is the sparsest reconstruction that meets the
-target and every denoising threshold ``lmbda w s(sigma)`` at the knots is unchanged (the line search of the
-calibration runs after this move). With several processes (``torchrun``), gradients are averaged across them
-before every update.
+iteration refreshes the FISTA step size. Every ``rollback_every`` steps a fixed noisy held-out batch is probed;
+a probe that got worse by more than ``rollback_tolerance`` returns training to the last good state with halved
+learning rates (``csc_serve.training.rollback``). After the last step, ``recon_psnr > 0`` moves the reconstruction
+setting: with ``c`` the largest scale whose held-out reconstruction PSNR stays at ``recon_psnr``, ``lmbda <- c lmbda``
+and ``s(sigma) <- s(sigma) / c`` for ``sigma > 0``, so ``s(0) = 1`` is the sparsest reconstruction that meets the
+target and every denoising threshold ``lmbda w s(sigma)`` at the knots is unchanged (the calibration's line search
+runs after this move). With several processes (``torchrun``), gradients are averaged before every update.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from csc_serve.models.calibration import interpolate_scale
 from .device import check_device_name, full_precision, resolve_device
 from .loader import StepBatch, StepBatches, default_workers
 from .losses import binary_rate_reduction, coding_rate, flatten_features
+from .rollback import DivergenceGuard
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class TrainConfig:
     workers: int = default_workers()
     checkpoint_minutes: float = 0.0
     train_shifts: int = 1
+    rollback_every: int = 50
+    rollback_tolerance: float = 0.25
 
     def __post_init__(self) -> None:
         positive = (
@@ -118,10 +122,10 @@ class TrainConfig:
             raise ValueError("lr_thresholds and lr_calibration must be >= 0")
         if not 0 <= self.recon_psnr < 100:
             raise ValueError(f"recon_psnr must be in [0, 100) dB, got {self.recon_psnr}")
-        if self.sigma_max < 0 or self.lr <= 0 or self.eps <= 0 or self.calibration_knots < 2:
-            raise ValueError("sigma_max must be >= 0, lr and eps > 0, calibration_knots >= 2")
-        if self.workers < 0 or self.checkpoint_minutes < 0:
-            raise ValueError("workers and checkpoint_minutes must be >= 0")
+        if self.sigma_max < 0 or min(self.lr, self.eps, self.rollback_tolerance) <= 0 or self.calibration_knots < 2:
+            raise ValueError("sigma_max must be >= 0, lr, eps and rollback_tolerance > 0, calibration_knots >= 2")
+        if self.workers < 0 or self.checkpoint_minutes < 0 or self.rollback_every < 0:
+            raise ValueError("workers, checkpoint_minutes and rollback_every must be >= 0")
         check_device_name(self.device)
 
 
@@ -171,22 +175,23 @@ def pixel_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return mse.clamp_min(1e-10).log().mean()
 
 
-def encode_with(model: CSCAutoencoder, x: torch.Tensor, scale: torch.Tensor, frozen: bool) -> torch.Tensor:
-    """``f(x)`` with the dictionaries detached when ``frozen`` (x is a multiple of the total stride)."""
-    z = x - model.input_mean
+def encode_with(model: CSCAutoencoder, x: torch.Tensor, scale: torch.Tensor, frozen: bool,
+                sigma: torch.Tensor | None = None) -> torch.Tensor:
+    """``f(x)`` with the dictionaries detached when ``frozen`` (x is a multiple of the total stride); ``sigma``
+    (B,), the noise level of each crop on the 0..255 scale, reaches noise-affine thresholds (``None``: 0)."""
+    z, noise = x - model.input_mean, model.noise_std(sigma)
     for stage in model.stages:
         weight = stage.dictionary.detach() if frozen else stage.dictionary
         thresh = stage.threshold(z, scale)  # (B, K, 1, 1): per-atom weights times the per-sample scale
-        z = stage.fista(z, weight, thresh.detach() if frozen else thresh, detach_steps=frozen)
+        z = stage.fista(z, weight, thresh.detach() if frozen else thresh, detach_steps=frozen, noise=noise)
     return z
 
 
 def decode_with(model: CSCAutoencoder, codes: torch.Tensor, frozen: bool) -> torch.Tensor:
     """``g(z)`` with the dictionaries detached when ``frozen``."""
-    x = codes
     for stage in reversed(model.stages):
-        x = stage.synthesize(x, stage.dictionary.detach() if frozen else stage.dictionary)
-    return x + model.input_mean
+        codes = stage.synthesize(codes, stage.dictionary.detach() if frozen else stage.dictionary)
+    return codes + model.input_mean
 
 
 class Calibration(torch.nn.Module):
@@ -264,6 +269,8 @@ class Trainer:
         self.out = Path(config.out)
         self.prior_seconds = 0.0  # training time of earlier runs of a resumed training
         self._clock = time.monotonic()
+        self.lr_factor = 1.0  # halved by every roll-back (csc_serve.training.rollback)
+        self.guard = DivergenceGuard(self, config.rollback_every, config.rollback_tolerance, config.seed)
 
     def start_clock(self) -> None:
         self._clock = time.monotonic()
@@ -294,10 +301,11 @@ class Trainer:
             self.model.update_step_sizes(num_iters=self.config.power_iters)
 
     def _set_learning_rates(self, step: int) -> None:
-        """Cosine decay from the configured rates to ``lr_final`` times them at the last step."""
+        """Cosine decay to ``lr_final`` times the configured rates at the last step, times ``lr_factor``."""
         cfg = self.config
         progress = min(step / max(cfg.iterations - 1, 1), 1.0)
         factor = cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+        factor *= self.lr_factor
         for optimizer in self.optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
@@ -316,6 +324,14 @@ class Trainer:
         z_hat = encode_with(self.model, x_hat, torch.ones(len(z)), frozen=True)
         reduction = binary_rate_reduction(flatten_features(z.detach()), flatten_features(z_hat), self.config.eps)
         return reduction, {"delta_rate_g": reduction.item()}
+
+    @torch.no_grad()
+    def pixel_loss_of(self, clean: torch.Tensor, sigma: torch.Tensor, noisy: torch.Tensor) -> float:
+        """A training step's pixel loss ``P`` on ``noisy`` crops (noise ``sigma``), one shift, no gradients."""
+        model = self.model
+        codes = encode_with(model, model._pad(noisy), self.calibration(sigma), frozen=True, sigma=sigma)
+        out = decode_with(model, codes, frozen=True)[..., : clean.shape[-2], : clean.shape[-1]]
+        return float(pixel_loss(out, clean))
 
     def _shifts(self, step: int) -> list[tuple[int, int]]:
         """The grid shifts averaged in step ``step`` (``train_shifts`` of them), or ``[]`` for the image as it is."""
@@ -346,8 +362,9 @@ class Trainer:
         shifts = self._shifts(step)
         scale = self.calibration(sigma)
         if shifts:
-            noisy, scale = shifted_copies(noisy, shifts, model.config.total_stride), scale.repeat(len(shifts))
-        z = encode_with(model, noisy, scale, frozen=False)  # shifted: the copies, shift by shift
+            noisy = shifted_copies(noisy, shifts, model.config.total_stride)
+            scale, sigma = scale.repeat(len(shifts)), sigma.repeat(len(shifts))
+        z = encode_with(model, noisy, scale, frozen=False, sigma=sigma)  # shifted: the copies, shift by shift
         if not cfg.alternate:
             # Both players move at once: the pixel term through f and g, each player's rate terms.
             x_hat = self._merge(decode_with(model, z, frozen=False), shifts, x)

@@ -5,7 +5,10 @@ built for this GPU), then ONNX Runtime CUDA, then ONNX Runtime CPU, then torch. 
 are imported only when asked for, so a CPU-only install without them still serves through torch.
 
 ``model`` is anything ``csc_serve.model_store.resolve_model`` takes: a bundled name, a model directory, a
-BentoML model-store tag (``name:version``, ``name:latest``) or a ``CSCAutoencoder``. ONNX graphs come from
+BentoML model-store tag (``name:version``, ``name:latest``), a ``CSCAutoencoder``, or a ``ModelSource``.
+ONNX Runtime and TensorRT backends of a model given by reference read its config and run its graphs: the
+PyTorch model is loaded (and PyTorch imported) only to export graphs that are missing, or for the torch
+backend. ONNX graphs come from
 ``artifacts`` (a ``csc export`` directory), else from those a stored model carries, else from a cache
 directory keyed by the hashes of the weights and the config (``$CSC_CACHE_DIR``, default
 ``~/.cache/csc-serve``), exported there on first use. Either way the manifest must name the weights (and
@@ -15,12 +18,17 @@ the config) being served.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from csc_serve.backends.base import Backend, BackendUnavailable
-from csc_serve.model_store import ResolvedModel
-from csc_serve.model_store import resolve_model as _resolve
-from csc_serve.models import CSCAutoencoder
+from csc_serve.model_store import ModelSource, ResolvedModel, resolve_source
+from csc_serve.models import CSCConfig
+
+if TYPE_CHECKING:
+    from csc_serve.models import CSCAutoencoder
 
 BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch")
 
@@ -35,7 +43,47 @@ def cache_dir(sha256: str, config) -> Path:
     return root / f"{sha256[:16]}-{config_sha256(config)[:8]}"
 
 
-def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=None, fp16: bool = False) -> Path:
+@dataclass
+class _Model:
+    """What a backend is built from: the config, the weights' hash, a display name, the artifacts, and the
+    PyTorch model, loaded on first use (``module()``)."""
+
+    config: CSCConfig
+    sha256: str
+    name: str
+    artifacts: Path | None
+    load: Callable[[], CSCAutoencoder]
+    _module: CSCAutoencoder | None = None
+
+    def module(self) -> CSCAutoencoder:
+        if self._module is None:
+            self._module = self.load()
+        return self._module
+
+
+def _model(model) -> _Model:
+    from csc_serve.models.serialization import read_config
+
+    if isinstance(model, (str, os.PathLike)):
+        model = resolve_source(model)
+    if isinstance(model, ModelSource):
+        config, document = read_config(model.directory)
+
+        def load(directory=model.directory):
+            from csc_serve.models import load_pretrained
+
+            return load_pretrained(directory)
+
+        return _Model(config, document["weights_sha256"], model.name, model.artifacts, load)
+    from csc_serve.model_store import resolve_model
+
+    resolved = resolve_model(model)
+    return _Model(resolved.module.config, resolved.weights_sha256, resolved.name, resolved.artifacts,
+                  lambda: resolved.module, resolved.module)
+
+
+def onnx_artifacts(model: CSCAutoencoder | _Model, sha256: str, source: str, artifacts=None,
+                   fp16: bool = False) -> Path:
     """A directory holding the model's ONNX graphs: ``artifacts`` as given, or the cache (exported if needed)."""
     from csc_serve.export.manifest import ArtifactError, config_sha256, read_manifest
 
@@ -46,7 +94,7 @@ def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=No
         manifest = read_manifest(directory)
     except ArtifactError:
         manifest = None
-    from csc_serve.export.onnx_export import GRAPH_REVISION
+    from csc_serve.export.manifest import GRAPH_REVISION
 
     current = manifest is not None and manifest.get("onnx", {}).get("graph_revision") == GRAPH_REVISION
     same_model = current and manifest["model"]["weights_sha256"] == sha256
@@ -55,7 +103,8 @@ def onnx_artifacts(model: CSCAutoencoder, sha256: str, source: str, artifacts=No
             return directory
     from csc_serve.export.onnx_export import export_onnx
 
-    export_onnx(model, directory, weights_sha256=sha256, source=source, fp16=fp16)
+    module = model.module() if isinstance(model, _Model) else model
+    export_onnx(module, directory, weights_sha256=sha256, source=source, fp16=fp16)
     return directory
 
 
@@ -76,7 +125,7 @@ def _tensorrt(model, sha, source, artifacts, precision):
 
 
 def load_backend(
-    model: str | os.PathLike | CSCAutoencoder | ResolvedModel,
+    model: str | os.PathLike | CSCAutoencoder | ResolvedModel | ModelSource,
     name: str = "auto",
     *,
     artifacts: str | os.PathLike | None = None,
@@ -94,15 +143,15 @@ def load_backend(
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
-    resolved = _resolve(model)
-    module, sha, source = resolved.module, resolved.weights_sha256, resolved.name
+    module = _model(model)  # the PyTorch model itself is loaded only where needed
+    sha, source = module.sha256, module.name
     if artifacts is None:
-        artifacts = resolved.artifacts
+        artifacts = module.artifacts
     if name == "torch":
         import torch
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return _torch_backend(module, dev, precision, compile, sha)
+        return _torch_backend(module.module(), dev, precision, compile, sha)
     if name == "tensorrt":
         return _tensorrt(module, sha, source, artifacts, precision)
     if name in ("onnxruntime-cpu", "onnxruntime-cuda"):
@@ -141,7 +190,7 @@ def _auto(module, sha, source, artifacts, precision, threads) -> Backend:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = _torch_backend(module, device, "float32" if precision == "float16" else precision, False, sha)
+    backend = _torch_backend(module.module(), device, "float32" if precision == "float16" else precision, False, sha)
     backend.skipped = reasons
     return backend
 

@@ -1,10 +1,12 @@
-"""What every backend shares: input checks, padding to the total stride, ``lmbda_scale`` per sample."""
+"""What every backend shares: input checks, padding to the total stride, ``lmbda_scale`` and ``sigma`` per
+sample."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from csc_serve.models import CSCConfig
+from csc_serve.models.images import pad_to_stride
 
 
 class BackendUnavailable(RuntimeError):
@@ -20,7 +22,7 @@ class Backend:
     Codes are the last-stage codes ``(B, K, ceil(H/S), ceil(W/S))``.
 
     Subclasses implement ``_run(graph, inputs)`` for the graphs ``encode``, ``decode`` and ``reconstruct``
-    on stride-aligned inputs.
+    on stride-aligned inputs: every output of the graph, in the order ``csc_serve.export.graphs`` lists them.
     """
 
     name = "base"
@@ -71,74 +73,79 @@ class Backend:
     @staticmethod
     def _scale(lmbda_scale, batch: int) -> np.ndarray:
         """``lmbda_scale`` as float32 of shape ``(batch,)``; finite and non-negative."""
-        if lmbda_scale is None:
-            return np.ones(batch, np.float32)
-        scale = np.asarray(lmbda_scale, dtype=np.float32)
-        if scale.ndim == 0 or scale.shape == (1,):
-            scale = np.full(batch, float(scale.reshape(())), np.float32)
-        if scale.shape != (batch,):
-            raise ValueError(f"lmbda_scale must be a number or have shape ({batch},), got {scale.shape}")
-        if not np.isfinite(scale).all() or (scale < 0).any():
-            raise ValueError("lmbda_scale must be finite and non-negative")
-        return np.ascontiguousarray(scale)
+        return _per_sample(lmbda_scale, batch, "lmbda_scale", 1.0, float("inf"))
+
+    def _inputs(self, images: np.ndarray, lmbda_scale, sigma) -> dict[str, np.ndarray]:
+        """The feeds of the encode and reconstruct graphs: padded images, ``lmbda_scale`` and, for a model with
+        noise-adaptive thresholds, ``sigma`` (0..255, default 0; other models check it and leave it out)."""
+        batch = images.shape[0]
+        inputs = {"images": self._pad(images), "lmbda_scale": self._scale(lmbda_scale, batch)}
+        noise = _per_sample(sigma, batch, "sigma", 0.0, 255.0)
+        if self.config.noise_adaptive:
+            inputs["sigma"] = noise
+        return inputs
 
     def _pad(self, images: np.ndarray) -> np.ndarray:
-        s = self.config.total_stride
-        h, w = images.shape[-2:]
-        pad_h, pad_w = (-h) % s, (-w) % s
-        if pad_h or pad_w:
-            images = np.pad(images, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-        return images
+        return pad_to_stride(images, self.config.total_stride)
 
     # ----------------------------------------------------------------------------- the contract
-    def encode(self, images: np.ndarray, lmbda_scale=None) -> np.ndarray:
-        """Last-stage sparse codes ``(B, K, ceil(H/S), ceil(W/S))`` (float32)."""
-        images = self._images(images)
-        scale = self._scale(lmbda_scale, images.shape[0])
-        return self._run("encode", {"images": self._pad(images), "lmbda_scale": scale})
+    def encode(self, images: np.ndarray, lmbda_scale=None, sigma=None) -> np.ndarray:
+        """Last-stage sparse codes ``(B, K, ceil(H/S), ceil(W/S))`` (float32). ``sigma`` (``None``, a number or
+        ``(B,)``, 0..255): the noise level noise-adaptive thresholds follow (``CSCConfig.noise_adaptive``)."""
+        return self.encode_counting(images, lmbda_scale, sigma)[0]
 
-    def encode_each(self, images: np.ndarray, lmbda_scale=None, consume=None) -> list:
+    def encode_counting(self, images: np.ndarray, lmbda_scale=None, sigma=None) -> tuple[np.ndarray, list]:
+        """``encode``, and for every stage before the last the number of zero codes at each position of its
+        code grid, ``(B, h_l, w_l)`` float32: what the encoder computed on the way, from the same pass."""
+        outputs = self._run("encode", self._inputs(self._images(images), lmbda_scale, sigma))
+        return outputs[0], outputs[1:]
+
+    def encode_each(self, images: np.ndarray, lmbda_scale=None, consume=None, sigma=None) -> list:
         """``encode`` with the codes handed over as they are made: ``consume(first, codes)`` is called on the
         codes of images ``first, first + 1, ...`` (all of them, or a run of them), by the thread that made them
         where the backend splits batches, so work on the codes runs beside the encoding of the rest. Returns
         the ``consume`` results in image order."""
-        images = self._images(images)
-        scale = self._scale(lmbda_scale, images.shape[0])
-        return self._encode_each({"images": self._pad(images), "lmbda_scale": scale}, consume)
+        return self._encode_each(self._inputs(self._images(images), lmbda_scale, sigma), consume)
 
     def _encode_each(self, inputs: dict[str, np.ndarray], consume) -> list:
-        return [consume(0, self._run("encode", inputs))]
+        return [consume(0, self._run("encode", inputs)[0])]
 
     def decode(self, codes: np.ndarray, output_size: tuple[int, int] | None = None) -> np.ndarray:
         """Images ``(B, C, h*S, w*S)`` from last-stage codes, cropped to ``output_size`` if given."""
-        out = self._run("decode", {"codes": self._codes(codes)})
+        out = self._run("decode", {"codes": self._codes(codes)})[0]
         if output_size is not None:
             out = out[..., : output_size[0], : output_size[1]]
         return np.ascontiguousarray(out)
 
-    def reconstruct(self, images: np.ndarray, lmbda_scale=None) -> np.ndarray:
-        """``decode(encode(images))`` at the input size (shift-averaged where the model says so)."""
+    def reconstruct(self, images: np.ndarray, lmbda_scale=None, sigma=None) -> np.ndarray:
+        """``decode(encode(images))`` at the input size (shift-averaged where the model says so); ``sigma`` as
+        for ``encode``."""
+        return self.reconstruct_counting(images, lmbda_scale, sigma)[0]
+
+    def reconstruct_counting(self, images: np.ndarray, lmbda_scale=None, sigma=None) -> tuple[np.ndarray, np.ndarray]:
+        """``reconstruct``, and the zero last-stage codes it was made of at each position of the code grid,
+        ``(B, ceil(H/S), ceil(W/S))`` float32, summed over the shifted copies it averages
+        (``CSCAutoencoder.reconstruct_counting``): from the same pass."""
         images = self._images(images)
         h, w = images.shape[-2:]
-        scale = self._scale(lmbda_scale, images.shape[0])
-        out = self._run("reconstruct", {"images": self._pad(images), "lmbda_scale": scale})
-        return np.ascontiguousarray(out[..., :h, :w])
+        out, zeros = self._run("reconstruct", self._inputs(images, lmbda_scale, sigma))
+        return np.ascontiguousarray(out[..., :h, :w]), zeros
 
-    def reconstruct_inspecting(self, images: np.ndarray, lmbda_scale=None, inspect=None) -> tuple[np.ndarray, list]:
-        """``decode(encode(images))`` with a look at the codes on the way: ``inspect(first, codes)`` is called on
-        the codes of images ``first, first + 1, ...`` (all of them, or a run of them) before they are decoded.
-        Returns the images at the input size and the ``inspect`` results in image order. Unlike ``reconstruct``
-        it never shift-averages."""
-        images = self._images(images)
-        h, w = images.shape[-2:]
-        scale = self._scale(lmbda_scale, images.shape[0])
-        out, seen = self._encode_decode({"images": self._pad(images), "lmbda_scale": scale}, inspect)
-        return np.ascontiguousarray(out[..., :h, :w]), seen
-
-    def _encode_decode(self, inputs: dict[str, np.ndarray], inspect) -> tuple[np.ndarray, list]:
-        codes = self._run("encode", inputs)
-        seen = [inspect(0, codes)] if inspect is not None else []
-        return self._run("decode", {"codes": codes}), seen
-
-    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
+
+
+def _per_sample(value, batch: int, name: str, default: float, high: float) -> np.ndarray:
+    """A number, ``None`` (``default``) or an array of shape ``(batch,)`` as float32 ``(batch,)``, each value
+    finite and in ``[0, high]``."""
+    if value is None:
+        return np.full(batch, default, np.float32)
+    array = np.asarray(value, dtype=np.float32)
+    if array.ndim == 0 or array.shape == (1,):
+        array = np.full(batch, float(array.reshape(())), np.float32)
+    if array.shape != (batch,):
+        raise ValueError(f"{name} must be a number or have shape ({batch},), got {array.shape}")
+    if not np.isfinite(array).all() or (array < 0).any() or (array > high).any():
+        bound = "non-negative" if high == float("inf") else f"in [0, {high:g}]"
+        raise ValueError(f"{name} must be finite and {bound}")
+    return np.ascontiguousarray(array)

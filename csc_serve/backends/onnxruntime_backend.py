@@ -7,6 +7,13 @@ Session options are set on purpose:
   ``inter_op_num_threads`` 1, sequential execution: a graph is one chain, nothing runs side by side in it.
 - Graph optimizations: ``ORT_ENABLE_EXTENDED`` on the CPU (constant folding, fusions; without the NCHWc
   layout of ``ORT_ENABLE_ALL``, slower on these graphs), ``ORT_ENABLE_ALL`` on CUDA.
+- Memory (CPU): every session draws from one arena shared by the process (``session.use_env_allocators``),
+  which grows by what is asked rather than by powers of two; memory patterns are off (a pattern is planned
+  and held per input shape); and after every run the arena hands its free memory back
+  (``memory.enable_memory_arena_shrinkage``). So a graph holds at most one image's (or one tile's) working
+  set per thread while it runs, and memory falls back between requests: peak memory follows the batch and
+  tile budgets of the caller, not what ran before. The shifted copies of a shift-averaged reconstruct run
+  one after another inside the graph (``csc_serve.export.graphs``) for the same reason.
 - A cached optimized model: the first session saves its optimized graph under ``ort_cache/`` in the artifact
   directory (keyed by ONNX Runtime version, provider and CPU), later sessions load it with optimizations
   off and start faster. A read-only artifact directory just skips the cache.
@@ -18,18 +25,18 @@ import hashlib
 import itertools
 import os
 import platform
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from csc_serve.backends.base import Backend, BackendUnavailable
-from csc_serve.export.manifest import ArtifactError, artifact_path, verify_manifest
+from csc_serve.export.manifest import GRAPH_NAMES, ArtifactError, artifact_path, verify_manifest
 from csc_serve.models import CSCConfig
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 CHUNK = 1  # images per worker call: one image's code maps stay in cache between the elementwise passes
-GRAPH_NAMES = ("encode", "decode", "reconstruct")
 
 
 def _ort():
@@ -55,6 +62,24 @@ OPTIMIZATION = {
     "cpu": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "cuda": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+_arena_lock = threading.Lock()
+_arena: list[bool] = []
+
+
+def _shared_cpu_arena(ort) -> bool:
+    """Register the process's shared CPU arena once (growing by what is asked); whether sessions can use it."""
+    with _arena_lock:
+        if not _arena:
+            try:
+                memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                # max_mem 0 (no cap), kSameAsRequested (1), default first chunk and dead bytes per chunk
+                ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 1, -1, -1))
+                _arena.append(True)
+            except Exception:  # an older runtime without shared allocators: each session keeps its own arena
+                _arena.append(False)
+        return _arena[0]
 
 
 def usable_cores() -> int:
@@ -117,6 +142,9 @@ class OnnxRuntimeBackend(Backend):
                     self._session(ort, path, entry["sha256"], provider, cache, 1) for _ in range(self.workers)
                 ]
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ort") if self.workers > 1 else None
+        self._run_options = ort.RunOptions()
+        if provider == "cpu":  # free arena memory goes back to the system after every run
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def _session(self, ort, path: Path, sha256: str, provider: str, cache: bool, threads: int):
         options = ort.SessionOptions()
@@ -124,6 +152,10 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
+        if provider == "cpu":
+            options.enable_mem_pattern = False
+            if _shared_cpu_arena(ort):
+                options.add_session_config_entry("session.use_env_allocators", "1")
         providers = [PROVIDERS[provider]]
         cached = self._cache_path(ort, path, sha256, provider) if cache else None
         if cached is not None and cached.is_file():
@@ -170,38 +202,24 @@ class OnnxRuntimeBackend(Backend):
             "opset": self.manifest.get("onnx", {}).get("opset"),
         }
 
-    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One image runs on all threads; a batch is cut into chunks of ``CHUNK`` images that the
         single-threaded worker sessions take from one shared counter, so no core idles while another still
         holds work. The graphs are chains of convolutions and elementwise passes over large code maps: one
         image per core keeps them in cache and beats every core on every op (measured: ``csc bench --ablation``)."""
         batch = next(iter(inputs.values())).shape[0]
         if self._pool is None or batch < 2:
-            return self.sessions[graph].run(None, inputs)[0]
+            return self.sessions[graph].run(None, inputs, self._run_options)
         sessions = self.worker_sessions[graph]
-        return np.concatenate(self._spread(inputs, lambda worker, first, chunk: sessions[worker].run(None, chunk)[0]))
+        parts = self._spread(inputs, lambda worker, first, chunk: sessions[worker].run(None, chunk, self._run_options))
+        return [np.concatenate(outputs) for outputs in zip(*parts)]
 
     def _encode_each(self, inputs: dict[str, np.ndarray], consume) -> list:
         if self._pool is None or inputs["images"].shape[0] < 2:
             return super()._encode_each(inputs, consume)
         encoders = self.worker_sessions["encode"]
-        return self._spread(inputs, lambda worker, first, chunk: consume(first, encoders[worker].run(None, chunk)[0]))
-
-    def _encode_decode(self, inputs: dict[str, np.ndarray], inspect) -> tuple[np.ndarray, list]:
-        """Each chunk is encoded, inspected and decoded by one worker in turn: its codes never wait for the
-        rest of the batch, and are freed by the thread that made them."""
-        batch = inputs["images"].shape[0]
-        if self._pool is None or batch < 2:
-            return super()._encode_decode(inputs, inspect)
-        encoders, decoders = self.worker_sessions["encode"], self.worker_sessions["decode"]
-
-        def chain(worker: int, first: int, chunk: dict) -> tuple[np.ndarray, object]:
-            codes = encoders[worker].run(None, chunk)[0]
-            seen = inspect(first, codes) if inspect is not None else None
-            return decoders[worker].run(None, {"codes": codes})[0], seen
-
-        done = self._spread(inputs, chain)
-        return np.concatenate([out for out, _ in done]), [seen for _, seen in done if seen is not None]
+        return self._spread(inputs, lambda worker, first, chunk:
+                            consume(first, encoders[worker].run(None, chunk, self._run_options)[0]))
 
     def _spread(self, inputs: dict[str, np.ndarray], work) -> list:
         """``work(worker, first, chunk)`` on every chunk of the batch, by the worker sessions; results in order."""

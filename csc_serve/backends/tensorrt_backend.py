@@ -83,7 +83,7 @@ class _Plan:
     engine: object
     context: object
     inputs: list[str]
-    output: str
+    outputs: list[str]  # in the order of the graph's signature (csc_serve.export.graphs)
     profile: Profile
     lock: threading.Lock
 
@@ -123,20 +123,23 @@ class TensorRTBackend(Backend):
         self._stream = torch.cuda.Stream()
         self._dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
                         trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
-        self._plans = {graph: self._load(path, entry) for graph, (path, entry) in plans.items()}
+        onnx_graphs = self.manifest.get("onnx", {}).get("graphs", {})
+        self._plans = {graph: self._load(path, entry, onnx_graphs[graph + PRECISIONS[precision]].get("outputs", []))
+                       for graph, (path, entry) in plans.items()}
 
-    def _load(self, path: Path, entry: dict) -> _Plan:
+    def _load(self, path: Path, entry: dict, onnx_outputs: list[dict]) -> _Plan:
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             hint = "rebuild it with 'csc export --tensorrt'"
             raise ArtifactError(f"{path}: TensorRT could not load the plan (see its log above); {hint}")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == self._trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if n not in inputs]
-        if len(outputs) != 1:
-            raise ArtifactError(f"{path}: expected one output tensor, the plan has {outputs}")
+        expected = [spec["name"] for spec in onnx_outputs]
+        if sorted(n for n in names if n not in inputs) != sorted(expected):
+            raise ArtifactError(f"{path}: expected the output tensors {expected}, the plan has "
+                                f"{[n for n in names if n not in inputs]}")
         profile = Profile.from_dict(entry.get("profile"))
-        return _Plan(engine, engine.create_execution_context(), inputs, outputs[0], profile, threading.Lock())
+        return _Plan(engine, engine.create_execution_context(), inputs, expected, profile, threading.Lock())
 
     def describe(self) -> dict:
         return {
@@ -159,7 +162,7 @@ class TensorRTBackend(Backend):
         host = array if array.flags.writeable else array.copy()  # torch.from_numpy wants writable memory
         return self._torch.from_numpy(host).to("cuda", dtype, non_blocking=True)
 
-    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         plan = self._plans[graph]
         for name in plan.inputs:
             if name not in inputs:
@@ -174,11 +177,13 @@ class TensorRTBackend(Backend):
                 if not plan.context.set_input_shape(name, tuple(tensor.shape)):
                     raise ValueError(f"{graph}: TensorRT refused the shape {tuple(tensor.shape)} for {name}")
                 plan.context.set_tensor_address(name, tensor.data_ptr())
-            shape = tuple(plan.context.get_tensor_shape(plan.output))
-            out = torch.empty(shape, dtype=self._dtype(plan.engine, plan.output), device="cuda")
-            plan.context.set_tensor_address(plan.output, out.data_ptr())
+            outs = []
+            for name in plan.outputs:
+                shape = tuple(plan.context.get_tensor_shape(name))
+                outs.append(torch.empty(shape, dtype=self._dtype(plan.engine, name), device="cuda"))
+                plan.context.set_tensor_address(name, outs[-1].data_ptr())
             if not plan.context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError(f"{graph}: TensorRT failed to enqueue the plan (see its log)")
-            result = out.to("cpu", torch.float32, non_blocking=False)
+            results = [out.to("cpu", torch.float32, non_blocking=False) for out in outs]
             self._stream.synchronize()
-        return result.numpy()
+        return [result.numpy() for result in results]

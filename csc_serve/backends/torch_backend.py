@@ -9,6 +9,7 @@ import torch
 
 from csc_serve.backends.base import Backend, BackendUnavailable
 from csc_serve.models import CSCAutoencoder
+from csc_serve.models.autoencoder import zero_map
 from csc_serve.models.serialization import weights_sha256
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,7 +54,16 @@ class TorchBackend(Backend):
         model = copy.deepcopy(model).eval()
         model.ensure_step_sizes()  # before casting: L is computed once, in float32
         self.model = model.to(device=device, dtype=self.dtype).requires_grad_(False)
-        calls = {"encode": self.model.encode, "decode": self.model.decode, "reconstruct": self.model.reconstruct}
+        model = self.model
+
+        def encode(images, lmbda_scale, sigma=None):  # the encode graph's outputs
+            stages = model.encode(images, lmbda_scale, all_stages=True, sigma=sigma)
+            return (stages[-1], *(zero_map(codes) for codes in stages[:-1]))
+
+        def reconstruct(images, lmbda_scale, sigma=None):
+            return model.reconstruct_counting(images, lmbda_scale, sigma=sigma)
+
+        calls = {"encode": encode, "decode": model.decode, "reconstruct": reconstruct}
         if compile:
             mode = "reduce-overhead" if device.startswith("cuda") else None
             calls = {k: _frozen(torch.compile(f, mode=mode, dynamic=False)) for k, f in calls.items()}
@@ -65,11 +75,10 @@ class TorchBackend(Backend):
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(device=self.device, dtype=self.dtype)
 
-    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        tensors = {k: self._tensor(v) for k, v in inputs.items()}
+    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # The graphs' inputs in their order: images, lmbda_scale and (noise-adaptive models) sigma; or codes.
+        tensors = [self._tensor(inputs[name]) for name in ("images", "lmbda_scale", "sigma", "codes") if name in inputs]
         with torch.inference_mode():
-            if graph == "decode":
-                out = self._calls["decode"](tensors["codes"])
-            else:
-                out = self._calls[graph](tensors["images"], tensors["lmbda_scale"])
-        return out.float().cpu().numpy()
+            out = self._calls[graph](*tensors)
+        outputs = (out,) if graph == "decode" else out
+        return [t.float().cpu().numpy() for t in outputs]

@@ -17,7 +17,8 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     from csc_serve.model_store import resolve_model
     from csc_serve.models.images import center_crop, list_images, load_image
-    from csc_serve.training.evaluate import evaluate_images, refine_calibration
+    from csc_serve.training.calibration import refine_calibration
+    from csc_serve.training.evaluate import evaluate_images
 
     out = Path(args.out)
     refuse_to_overwrite(out, args.force)

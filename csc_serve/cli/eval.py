@@ -21,7 +21,12 @@ def _eval(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     resolved = resolve_model(args.model)
     model = resolved.module
-    paths = list_images(args.data)[: args.limit or None]
+    paths = list_images(args.data)
+    if args.holdout:
+        from csc_serve.training.data import split_paths
+
+        paths = split_paths(paths, args.holdout, args.split_seed)[1]
+    paths = paths[: args.limit or None]
     images = [torch.from_numpy(load_image(p, model.config.in_channels)) for p in paths]
     result = evaluate_images(
         model, images, args.task, sigma=args.sigma, seed=args.seed, blind=args.blind,
@@ -55,6 +60,12 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lmbda-scale", type=float, default=None, help="fixed threshold scale instead of the calibrated one"
     )
+    p.add_argument(
+        "--holdout", type=float, default=0.0, metavar="FRACTION",
+        help="evaluate only the images that 'csc train --holdout-fraction FRACTION --seed SPLIT_SEED' holds out of "
+        "--data (never trained on; 0: every image)",
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="the training seed of the --holdout split")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0: all)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", help="also write the result, per image, to this JSON file")

@@ -12,7 +12,7 @@ from csc_serve.cli.common import add_model_argument
 def _export(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from csc_serve.export.graphs import GRAPHS
+    from csc_serve.export.manifest import GRAPH_NAMES
     from csc_serve.export.onnx_export import export_onnx
     from csc_serve.export.tensorrt import build_from_args, check_tensorrt_args
     from csc_serve.model_store import resolve_model
@@ -22,7 +22,7 @@ def _export(args: argparse.Namespace) -> None:
     resolved = resolve_model(args.model)  # a model-store tag is recorded as the tag it resolved to
     model, sha, source = resolved.module, resolved.weights_sha256, resolved.name
     done: list[str] = []
-    with tqdm(total=len(GRAPHS) * (2 if args.fp16 else 1), desc="export", unit="graph", leave=False) as bar:
+    with tqdm(total=len(GRAPH_NAMES) * (2 if args.fp16 else 1), desc="export", unit="graph", leave=False) as bar:
 
         def progress(name: str) -> None:  # called as each graph starts
             if done:

@@ -1,4 +1,5 @@
-"""``csc grow``: more atoms in a stage, or larger atoms, computing what the model computes (to train on)."""
+"""``csc grow``: more atoms in a stage, larger atoms (computing what the model computes), more FISTA steps or
+per-atom thresholds (to train on)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def _grow(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from csc_serve.model_store import resolve_model
-    from csc_serve.models.grow import widen
+    from csc_serve.models.grow import deepen, widen
 
     out = Path(args.out)
     refuse_to_overwrite(out, args.force)
@@ -20,10 +21,18 @@ def _grow(args: argparse.Namespace) -> None:
     model = resolved.module
     provenance = {"command": shlex.join(["csc", *args.argv]),
                   "grown_from": {"model": resolved.name, **model.config.provenance}}
-    grown = widen(model, args.stage - 1, args.factor, args.kernel_size, args.perturb, args.seed, provenance)
+    moved = model.config.provenance.get("reconstruction_scale_factor")
+    if moved:  # the grown model's lmbda_scale 1 was moved as the source's was (csc train --init undoes it)
+        provenance["reconstruction_scale_factor"] = moved
+    deeper = args.steps is not None or args.thresholds is not None
+    factor = args.factor if args.factor is not None else (1 if deeper else 2)
+    grown = widen(model, args.stage - 1, factor, args.kernel_size, args.perturb, args.seed, provenance)
+    if deeper:
+        grown = deepen(grown, args.stage - 1, args.steps, args.thresholds)
     grown.save_pretrained(out)
     stage = grown.config.stages[args.stage - 1]
-    print(f"{out}: stage {args.stage} has {stage.num_atoms} atoms of {stage.kernel_size}x{stage.kernel_size}")
+    print(f"{out}: stage {args.stage} has {stage.num_atoms} atoms of {stage.kernel_size}x{stage.kernel_size}, "
+          f"{stage.num_steps} FISTA steps, {stage.thresholds.replace('_', ' ')} thresholds")
     print(f"train it with: csc train --init {out} --data DIR --out RUN_DIR ...")
 
 
@@ -34,14 +43,23 @@ def add_grow(commands: argparse._SubParsersAction) -> None:
         description="Write a copy of MODEL with --factor times the atoms in --stage (every atom repeated; the "
         "next stage reads the repeated codes) and its atoms zero-padded to --kernel-size. With --perturb 0 it "
         "encodes, reconstructs and denoises as MODEL does; a small --perturb moves the copies of each atom apart "
-        "so that training (csc train --init OUT) can make them differ. The equations are in "
-        "csc_serve.models.grow.",
+        "so that training (csc train --init OUT) can make them differ. --thresholds per_atom or noise_affine "
+        "learns the threshold of every step per atom (and affine in the noise level), starting from what the "
+        "model computes; --steps adds FISTA steps, which repeat the last step's learned scalars and change the "
+        "codes, so train after it. The equations are in csc_serve.models.grow.",
     )
     add_model_argument(p)
     p.add_argument("--out", required=True, help="directory for the grown model")
     p.add_argument("--stage", type=positive_int, default=1, help="the stage to grow, from 1 (default: 1)")
-    p.add_argument("--factor", type=positive_int, default=2,
-                   help="copies of every atom in the stage (default: 2, twice the atoms)")
+    p.add_argument("--factor", type=positive_int, default=None,
+                   help="copies of every atom in the stage (default: 2, twice the atoms; 1 with --steps or "
+                   "--thresholds)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="FISTA steps of the stage, at least its current number (default: unchanged)")
+    p.add_argument("--thresholds", choices=("shared", "per_atom", "noise_affine"), default=None,
+                   help="learned thresholds of the stage: one scale per step (shared), per step and atom "
+                   "(per_atom), or per step and atom and affine in the noise level (noise_affine); "
+                   "default: unchanged")
     p.add_argument("--kernel-size", type=positive_int, default=None,
                    help="new odd atom size, at least the current one (default: unchanged)")
     p.add_argument("--perturb", type=nonnegative_float, default=3e-3,

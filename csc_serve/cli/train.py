@@ -45,6 +45,11 @@ HELP_TRAIN = {
     "checkpoint_minutes": "also write a checkpoint whenever this many minutes of training passed since the last "
                           "one (0: only every --checkpoint-every steps). Ctrl-C or SIGTERM always writes one after "
                           "the current step and exits (130 or 143); --resume continues from it",
+    "rollback_every": "steps between probes of a fixed noisy held-out batch; a probe worse than the best so far by "
+                      "more than --rollback-tolerance returns training to the last good probe's state with halved "
+                      "learning rates (0: never probe)",
+    "rollback_tolerance": "how much worse (mean log MSE; 0.25 is about 1.1 dB) a probe may be before training rolls "
+                          "back",
     "train_shifts": "grid shifts of a shift-averaged model averaged in each training step (1: the grid as it is; "
                     "up to stride^2): trains the mean that reconstruct and denoise serve, at that many encodings "
                     "per crop",
@@ -117,7 +122,8 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     start.add_argument("--preset", choices=sorted(PRESETS), default="csc-ctrl-rgb", help="starting architecture")
     start.add_argument("--arch", help="architecture JSON (the 'architecture' object of a config.json)")
     start.add_argument("--init",
-                       help="start from this trained model (bundled name, model directory or model-store tag)")
+                       help="start from this trained model (bundled name, model directory or model-store tag); a "
+                       "model whose lmbda_scale 1 was moved by --recon-psnr starts from the setting it was trained at")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     from csc_serve.training.trainer import TrainConfig

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,7 @@ from csc_serve.model_store import store_reference
 from csc_serve.service.bodies import Route
 from csc_serve.service.codes import read_codes, to_sparse
 from csc_serve.service.guard import RequestGuard, use_cancelled_timeouts
-from csc_serve.service.metrics import metrics
+from csc_serve.service.metrics import Timing, metrics
 from csc_serve.service.payloads import RequestError, npy_bytes, png_bytes, read_image, read_keep_or_drop
 from csc_serve.service.settings import DEFAULT_MODEL, ServeSettings
 from csc_serve.service.ui import page_app
@@ -56,11 +57,11 @@ IMAGE_OUTPUT = Field("png", examples=["png", "npy"],
 METADATA_EXAMPLE = {
     "ready": True, "error": None,
     "model": {"reference": "csc-ctrl-rgb", "kind": "bundled", "tag": None, "directory": "<hidden>",
-              "weights_sha256": "75edbc16...", "config": {"in_channels": 3, "stages": ["..."]}, "total_stride": 4,
+              "weights_sha256": "a656ad50...", "config": {"in_channels": 3, "stages": ["..."]}, "total_stride": 4,
               "code_channels": 128, "tile_margin": 60},
     "backend": {"backend": "onnxruntime", "device": "cpu", "precision": "float32", "threads": 2,
                 "artifacts": "<hidden>"},
-    "artifacts": {"directory": "<hidden>", "onnx": {"encode": "2ef39b56..."}},
+    "artifacts": {"directory": "<hidden>", "onnx": {"encode": "20525102..."}},
     "versions": {"csc-serve": "0.1.0", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "bentoml": "1.4.40"},
     "settings": {"model": "csc-ctrl-rgb", "backend": "auto", "max_batch_size": 32, "token": None,
                  "show_paths": False},
@@ -110,15 +111,20 @@ class CSCService:
     async def encode(
         self,
         image: Path = IMAGE_FIELD,
-        lmbda_scale: float = SCALE_FIELD,
+        lmbda_scale: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True, examples=[1.0, 3.0],
+                                          description="Multiplies every stage's sparsity threshold (default 1.0: "
+                                          "as trained; larger: sparser codes). At most max_lmbda_scale."),
+        sigma: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, strict=True, examples=[25.0],
+                                    description="Encode as /denoise does for noise of this std (0..255): at its "
+                                    "calibrated lmbda_scale, and with it for noise-adaptive thresholds. At most "
+                                    "one of sigma and lmbda_scale."),
         output: Literal["sparse", "npy"] = Field("sparse", examples=["sparse", "npy"], description="'sparse': "
                                                  "the .npz sparse format (shape, indices, values; see below); "
                                                  "'npy': the dense float32 (K, h, w) codes."),
         value_dtype: Literal["float32", "float16"] = Field("float32", examples=["float32", "float16"],
                                                            description="dtype of 'values' in the sparse format."),
-        stage_sparsity: bool = Field(True, examples=[True, False], description="Measure every stage's "
-                                     "sparsity (the stages before the last run once more, in PyTorch); false: "
-                                     "the last stage's only."),
+        stage_sparsity: bool = Field(True, examples=[True, False], description="Report every stage's "
+                                     "sparsity (counted in the same pass); false: the last stage's only."),
     ) -> BinaryFile:
         """Last-stage sparse codes of an image.
 
@@ -128,9 +134,11 @@ class CSCService:
         codes = np.zeros(prod(shape)); codes[indices] = values; codes = codes.reshape(shape).
         With output=npy the body is the dense (K, h, w) float32 .npy instead.
         Headers: X-CSC-Sparsity (fraction of zero codes per stage, comma-separated, first to last),
-        X-CSC-Code-Shape (K,h,w), X-CSC-Image-Size (H,W), X-CSC-Lmbda-Scale.
+        X-CSC-Code-Shape (K,h,w), X-CSC-Image-Size (H,W), X-CSC-Lmbda-Scale, X-CSC-Sigma (when given),
+        Server-Timing (every answer: the milliseconds of each stage of the request).
         """
-        return await self._answer(self._encode(image, lmbda_scale, output, value_dtype, stage_sparsity))
+        return await self._answer("encode", lambda t: self._encode(t, image, lmbda_scale, sigma, output, value_dtype,
+                                                                   stage_sparsity))
 
     @bentoml.api
     async def decode(
@@ -147,7 +155,7 @@ class CSCService:
     ) -> PngOrNpy:
         """The image synthesised from last-stage codes; with keep or drop, the codes of the atoms not kept (or
         dropped) are zero first. Headers: X-CSC-Image-Size (H,W), X-CSC-Atoms-Kept (atoms left in)."""
-        return await self._answer(self._decode(codes, height, width, output, keep, drop))
+        return await self._answer("decode", lambda t: self._decode(t, codes, height, width, output, keep, drop))
 
     @bentoml.api
     async def reconstruct(
@@ -158,10 +166,10 @@ class CSCService:
     ) -> PngOrNpy:
         """decode(encode(image)): the model's reconstruction.
 
-        Headers: X-CSC-PSNR (dB, against the input), X-CSC-Sparsity (fraction of zero last-stage codes),
-        X-CSC-Lmbda-Scale.
+        Headers: X-CSC-PSNR (dB, against the input), X-CSC-Sparsity (fraction of zero last-stage codes it was
+        made of: of every shifted copy for a shift-averaged model), X-CSC-Lmbda-Scale.
         """
-        return await self._answer(self._reconstruct(image, lmbda_scale, output))
+        return await self._answer("reconstruct", lambda t: self._reconstruct(t, image, lmbda_scale, output))
 
     @bentoml.api
     async def denoise(
@@ -177,9 +185,10 @@ class CSCService:
         """Robust denoising: reconstruction at the threshold scale that removes noise of level sigma.
 
         Headers: X-CSC-Sigma (the level used, when one was given or estimated), X-CSC-Sigma-Source
-        (given | estimated | none), X-CSC-Lmbda-Scale.
+        (given | estimated | none), X-CSC-Lmbda-Scale, X-CSC-Sparsity (fraction of zero last-stage codes it was
+        made of).
         """
-        return await self._answer(self._denoise(image, sigma, lmbda_scale, output))
+        return await self._answer("denoise", lambda t: self._denoise(t, image, sigma, lmbda_scale, output))
 
     @bentoml.api
     async def atoms(
@@ -197,7 +206,7 @@ class CSCService:
         edge (atom r*cols + c at top r*(h+1), left c*(w+1)). Headers: X-CSC-Atoms (K), X-CSC-Atom-Size (h,w),
         X-CSC-Grid (rows,cols; png only), X-CSC-Stage (the stage shown).
         """
-        return await self._answer(self._atoms(stage, output))
+        return await self._answer("atoms", lambda t: self._atoms(t, stage, output))
 
     @bentoml.api
     async def explain(
@@ -225,7 +234,7 @@ class CSCService:
         Headers: X-CSC-Lmbda-Scale, X-CSC-Sparsity (fraction of zero last-stage codes), X-CSC-Top (the top
         atoms, comma-separated), X-CSC-PSNR (reconstruction against the input, dB).
         """
-        return await self._answer(self._explain(image, lmbda_scale, sigma, atoms, top))
+        return await self._answer("explain", lambda t: self._explain(t, image, lmbda_scale, sigma, atoms, top))
 
     @bentoml.api
     async def metadata(self) -> Metadata:
@@ -240,66 +249,83 @@ class CSCService:
         return await asyncio.to_thread(describe, self.engine)
 
     # ----------------------------------------------------------------------------- the work
-    async def _answer(self, work) -> Any:
-        """Run a request's coroutine; its ``RequestError`` becomes a JSON answer with a one-line ``error``."""
+    async def _answer(self, endpoint: str, work) -> Any:
+        """Run a request's coroutine ``work(timing)``; its ``RequestError`` becomes a JSON answer with a one-line
+        ``error``. Every answer carries the request's ``Server-Timing``, and its stages go to ``/metrics``."""
         from starlette.responses import JSONResponse, Response
 
+        timing = Timing()
         try:
-            body, media_type, filename, headers = await work
+            body, media_type, filename, headers = await work(timing)
         except RequestError as err:
             metrics().rejected.labels(status=str(err.status)).inc()
-            return JSONResponse({"error": str(err)}, status_code=err.status)
+            return JSONResponse({"error": str(err)}, status_code=err.status,
+                                headers={"Server-Timing": timing.header()})
         headers["Content-Disposition"] = f'inline; filename="{filename}"'
+        headers["Server-Timing"] = timing.header()
+        timing.observe(endpoint)
         return Response(body, media_type=media_type, headers=headers)
 
-    async def _read_image(self, path: Path):
+    async def _read_image(self, path: Path, timing: Timing):
         config, cap = self.engine.config, self.settings.max_pixels
-        return await _off_loop(path.stat().st_size,
-                               lambda: read_image(path.read_bytes(), config.in_channels, cap, config.value_range))
+        start = time.perf_counter()
+        try:
+            return await _off_loop(path.stat().st_size,
+                                   lambda: read_image(path.read_bytes(), config.in_channels, cap, config.value_range))
+        finally:
+            timing.add("read", time.perf_counter() - start)
 
-    async def _encode(self, image: Path, lmbda_scale: float, output: str, value_dtype: str, stage_sparsity: bool):
-        result = await self.engine.encode(await self._read_image(image), lmbda_scale, stage_sparsity)
+    async def _encode(self, timing: Timing, image: Path, lmbda_scale: float | None, sigma: float | None, output: str,
+                      value_dtype: str, stage_sparsity: bool):
+        source = await self._read_image(image, timing)
+        result = await self.engine.encode(source, lmbda_scale, stage_sparsity, sigma=sigma, timing=timing)
         headers = {"X-CSC-Sparsity": ",".join(f"{v:.6f}" for v in result.sparsity),
                    "X-CSC-Code-Shape": ",".join(map(str, result.codes.shape)),
                    "X-CSC-Image-Size": ",".join(map(str, result.image_size)),
                    "X-CSC-Lmbda-Scale": _number(result.lmbda_scale)}
+        if sigma is not None:
+            headers["X-CSC-Sigma"] = _number(sigma)
+        start = time.perf_counter()
         if output == "npy":
             body, name = await _off_loop(result.codes.nbytes, npy_bytes, result.codes), "codes.npy"
         else:
             body, name = await _off_loop(result.codes.nbytes, to_sparse, result.codes, result.image_size,
                                          result.sparsity, result.lmbda_scale, value_dtype), "codes.npz"
+        timing.add("encode", time.perf_counter() - start)
         return body, "application/octet-stream", name, headers
 
-    async def _decode(self, codes: Path, height: int | None, width: int | None, output: str, keep: str | None,
-                      drop: str | None):
+    async def _decode(self, timing: Timing, codes: Path, height: int | None, width: int | None, output: str,
+                      keep: str | None, drop: str | None):
         channels, cap = self.engine.config.code_channels, self.settings.max_code_values
         mask = read_keep_or_drop(keep, drop, channels)
+        start = time.perf_counter()
         array, size = await _off_loop(codes.stat().st_size, lambda: read_codes(codes.read_bytes(), channels, cap))
         if mask is not None:
             array = await _off_loop(array.nbytes, np.multiply, array, mask[:, None, None])
+        timing.add("read", time.perf_counter() - start)
         if size is None:  # a dense array carries no image size: the whole stride grid
             size = (array.shape[1] * self.engine.stride, array.shape[2] * self.engine.stride)
         size = (height or size[0], width or size[1])
-        image = await self.engine.decode(array, size)
+        image = await self.engine.decode(array, size, timing=timing)
         headers = {"X-CSC-Image-Size": f"{size[0]},{size[1]}",
                    "X-CSC-Atoms-Kept": str(channels if mask is None else int(np.count_nonzero(mask)))}
-        return await self._image_body(image, output, "decoded", headers)
+        return await self._image_body(timing, image, output, "decoded", headers)
 
-    async def _reconstruct(self, image: Path, lmbda_scale: float, output: str):
-        result = await self.engine.reconstruct(await self._read_image(image), lmbda_scale)
+    async def _reconstruct(self, timing: Timing, image: Path, lmbda_scale: float, output: str):
+        result = await self.engine.reconstruct(await self._read_image(image, timing), lmbda_scale, timing=timing)
         headers = {"X-CSC-PSNR": f"{result.psnr:.4f}", "X-CSC-Sparsity": f"{result.sparsity:.6f}",
                    "X-CSC-Lmbda-Scale": _number(result.lmbda_scale)}
-        return await self._image_body(result.image, output, "reconstruction", headers)
+        return await self._image_body(timing, result.image, output, "reconstruction", headers)
 
-    async def _denoise(self, image: Path, sigma: float | None, lmbda_scale: float | None, output: str):
-        result = await self.engine.denoise(await self._read_image(image), sigma, lmbda_scale)
+    async def _denoise(self, timing: Timing, image: Path, sigma: float | None, lmbda_scale: float | None, output: str):
+        result = await self.engine.denoise(await self._read_image(image, timing), sigma, lmbda_scale, timing=timing)
         headers = {"X-CSC-Sigma-Source": result.sigma_source or "none",
-                   "X-CSC-Lmbda-Scale": _number(result.lmbda_scale)}
+                   "X-CSC-Lmbda-Scale": _number(result.lmbda_scale), "X-CSC-Sparsity": f"{result.sparsity:.6f}"}
         if result.sigma is not None:
             headers["X-CSC-Sigma"] = _number(result.sigma)
-        return await self._image_body(result.image, output, "denoised", headers)
+        return await self._image_body(timing, result.image, output, "denoised", headers)
 
-    async def _atoms(self, stage: int | None, output: str):
+    async def _atoms(self, timing: Timing, stage: int | None, output: str):
         result = await self.engine.atoms(stage)
         k, _, h, w = result.atoms.shape
         headers = {"X-CSC-Atoms": str(k), "X-CSC-Atom-Size": f"{h},{w}", "X-CSC-Stage": str(result.stage)}
@@ -310,21 +336,24 @@ class CSCService:
                                else result.grid.transpose(2, 0, 1), (0, 255))
         return body, "image/png", f"atoms_stage{result.stage}.png", headers
 
-    async def _explain(self, image: Path, lmbda_scale: float | None, sigma: float | None, atoms: str | None,
-                       top: int):
-        source = await self._read_image(image)
+    async def _explain(self, timing: Timing, image: Path, lmbda_scale: float | None, sigma: float | None,
+                       atoms: str | None, top: int):
+        source = await self._read_image(image, timing)
         result = await self.engine.explain(source, lmbda_scale, sigma, atoms, top)
         headers = {"X-CSC-Lmbda-Scale": _number(result.lmbda_scale), "X-CSC-Sparsity": f"{result.sparsity:.6f}",
                    "X-CSC-Top": ",".join(map(str, result.top)), "X-CSC-PSNR": f"{result.psnr:.4f}"}
         body = await asyncio.to_thread(_explain_npz, result, source.shape[1:])
         return body, "application/octet-stream", "explain.npz", headers
 
-    async def _image_body(self, image, output: str, stem: str, headers: dict[str, str]):
+    async def _image_body(self, timing: Timing, image, output: str, stem: str, headers: dict[str, str]):
+        start = time.perf_counter()
         if output == "npy":
-            body = await _off_loop(image.nbytes, npy_bytes, image)
-            return body, "application/octet-stream", f"{stem}.npy", headers
-        body = await _off_loop(image.nbytes, png_bytes, image, self.engine.config.value_range)
-        return body, "image/png", f"{stem}.png", headers
+            body, media_type, name = await _off_loop(image.nbytes, npy_bytes, image), "application/octet-stream", "npy"
+        else:
+            body = await _off_loop(image.nbytes, png_bytes, image, self.engine.config.value_range)
+            media_type, name = "image/png", "png"
+        timing.add("encode", time.perf_counter() - start)
+        return body, media_type, f"{stem}.{name}", headers
 
 
 def _explain_npz(result, image_size: tuple[int, int]) -> bytes:

@@ -24,6 +24,18 @@ BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false
 class ServeSettings:
     """How the service runs. Limits refuse a request with a 4xx before any work is done.
 
+    Memory follows these settings, not the images sent. The serving worker holds the model's exported graphs in
+    ONNX Runtime (about 200 MiB with Python and BentoML; PyTorch is loaded only for ``/atoms``, ``/explain`` or
+    the torch backend), and while it works, the working set of what is in flight: each backend thread holds one
+    image or tile at a time (its code maps, a few hundred bytes per pixel for the bundled model, the shifted
+    copies of a shift-averaged model one after another), so the peak follows ``min(H * W, tile_size^2)`` pixels
+    per thread, and ``max_batch_pixels`` bounds the pixels stacked per backend call. Images beyond
+    ``tile_size^2`` pixels are cut into tiles with a margin of context (``csc_serve.service.tiling``), which costs
+    that margin in extra work: a larger tile size is faster and holds more. ONNX Runtime's arena hands its
+    memory back after every run, and the C heap is trimmed after large batches
+    (``csc_serve.service.batch_call``), so the server returns to its idle size between requests. Measured with
+    ``csc bench --http`` (the process tree of ``bentoml serve``).
+
     ``show_paths`` (``CSC_SHOW_PATHS``, default false): whether public answers may name filesystem paths. Off,
     ``/metadata`` and error answers show ``<hidden>`` in place of the model directory, the artifact directory
     (the cache under the home directory by default), a model or artifacts setting that is a path, and any other
@@ -42,7 +54,7 @@ class ServeSettings:
     max_pixels: int = 1 << 22  # images beyond this many pixels are refused (413)
     max_code_values: int = 1 << 26  # code arrays (K * h * w) beyond this are refused (413)
     max_explain_values: int = 1 << 24  # /explain contributions (atoms * C * H * W) beyond this are refused (413)
-    tile_size: int = 512  # images beyond tile_size^2 pixels are processed in tiles of this size
+    tile_size: int = 1024  # images beyond tile_size^2 pixels are processed in tiles of this size
     max_lmbda_scale: float = 100.0
     token: str | None = None  # bearer token required on every POST when set
     show_paths: bool = False  # /metadata and error answers name filesystem paths (default: <hidden>)

@@ -69,14 +69,6 @@ class Tile:
         return slice(top // factor, bottom // factor), slice(left // factor, right // factor)
 
 
-def pad_to_stride(image: np.ndarray, stride: int) -> np.ndarray:
-    """Edge-pad ``(C, H, W)`` at the bottom and right to multiples of ``stride`` (as the backends do)."""
-    pad_h, pad_w = -image.shape[-2] % stride, -image.shape[-1] % stride
-    if pad_h or pad_w:
-        image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-    return image
-
-
 def plan_tiles(height: int, width: int, tile_size: int, margin: int, stride: int) -> list[Tile]:
     """Tiles covering a ``height`` x ``width`` image (both multiples of ``stride``), row by row."""
     if height % stride or width % stride:

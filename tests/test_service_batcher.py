@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from csc_serve.models import CSCAutoencoder
-from csc_serve.service.batching import Batcher, QueueFull
+from csc_serve.service.batcher import Batcher, QueueFull
 from csc_serve.service.engine import Engine
 from csc_serve.service.payloads import RequestError
 from csc_serve.service.settings import ServeSettings

@@ -6,7 +6,8 @@ images), while ``lmbda_scale`` varies per request inside a batch. The worker tak
 key and everything waiting under it, up to ``max_batch_size`` requests and ``max_batch_pixels`` pixels.
 The batch adapts to the load: when the worker comes back from a long batch, the requests that arrived
 meanwhile have waited long enough and go at once, so batches grow with the arrival rate; a lone request
-on an idle server waits at most ``wait_s`` for company. Beyond ``max_queue`` waiting requests, ``submit``
+on an idle server waits at most ``wait_s`` for company. A payload with a ``timing`` attribute (the request's
+``csc_serve.service.metrics.Timing``) is told how long it waited. Beyond ``max_queue`` waiting requests, ``submit``
 refuses (``QueueFull``) rather than letting latency grow without bound.
 
 ``workers`` threads run batches (one by default, so concurrent requests never oversubscribe the cores the
@@ -132,6 +133,10 @@ class Batcher:
             return
         start = time.monotonic()
         waits = [start - job.enqueued for job in batch]
+        for job, wait in zip(batch, waits):
+            timing = getattr(job.payload, "timing", None)  # a request's Timing: its queue wait
+            if timing is not None:
+                timing.waited(wait)
         try:
             results = self.run(key, [job.payload for job in batch])
             if len(results) != len(batch):
@@ -140,7 +145,7 @@ class Batcher:
             for job in batch:
                 job.future.set_exception(err)
             return
+        if self.observe is not None:  # before the answers: a finished request is in the figures
+            self.observe(len(batch), waits, time.monotonic() - start)
         for job, result in zip(batch, results):
             job.future.set_result(result)
-        if self.observe is not None:
-            self.observe(len(batch), waits, time.monotonic() - start)
