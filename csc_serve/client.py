@@ -86,10 +86,9 @@ class SparseCodes:
     def to_npz(self) -> bytes:
         """The ``.npz`` archive ``/encode`` answers with (what ``curl -F codes=@codes.npz .../decode`` takes)."""
         out = io.BytesIO()
-        np.savez_compressed(out, shape=np.array(self.shape, np.int64), indices=self.indices, values=self.values,
-                            image_size=np.array(self.image_size, np.int64),
-                            sparsity=np.array(self.sparsity, np.float64),
-                            lmbda_scale=np.array(self.lmbda_scale, np.float32))
+        np.savez(out, shape=np.array(self.shape, np.int64), indices=self.indices, values=self.values,
+                 image_size=np.array(self.image_size, np.int64), sparsity=np.array(self.sparsity, np.float64),
+                 lmbda_scale=np.array(self.lmbda_scale, np.float32))
         return out.getvalue()
 
     @classmethod

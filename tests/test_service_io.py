@@ -158,7 +158,7 @@ def test_sparse_codes_round_trip_and_are_smaller_than_dense_when_sparse():
     back, size = read_codes(data, code_channels=20, max_values=CAP)
     np.testing.assert_array_equal(back, codes)
     assert size == (60, 60)
-    assert len(data) < codes.nbytes / 4  # 10 % non-zero: 8 bytes each, before compression
+    assert len(data) < codes.nbytes / 4  # 10 % non-zero: 8 bytes each
     half = to_sparse(codes, (60, 60), [0.9], 1.0, value_dtype="float16")
     assert len(half) < len(data)
     back16, _ = read_codes(half, code_channels=20, max_values=CAP)

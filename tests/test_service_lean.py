@@ -183,3 +183,33 @@ def test_the_openapi_example_of_metadata_names_the_bundled_model():
     example = METADATA_EXAMPLE["model"]
     assert example["weights_sha256"] == document["weights_sha256"][:8] + "..."
     assert example["code_channels"] == config.code_channels and example["total_stride"] == config.total_stride
+
+
+def test_the_heap_is_trimmed_once_large_work_ends_and_seldom_under_load(monkeypatch):
+    """The C heap goes back to the system a quiet moment after large work, not after every batch of a steady
+    load (each trim makes the next batches fault their pages back in)."""
+    import time
+
+    from csc_serve.service.batch_call import _GiveBack
+
+    give_back = _GiveBack()
+    calls = []
+    give_back.trim = lambda pad: calls.append(pad)
+    monkeypatch.setattr(_GiveBack, "TRIM_VALUES", 100)
+    monkeypatch.setattr(_GiveBack, "QUIET_S", 0.5)
+    monkeypatch.setattr(_GiveBack, "INTERVAL_S", 60.0)
+    give_back.last = time.monotonic()
+    give_back.after_batch(50)
+    time.sleep(1.0)
+    assert calls == []  # small work: nothing to give back
+    for _ in range(10):  # a steady load: every batch postpones the trim
+        give_back.after_batch(60)
+        time.sleep(0.02)
+    assert calls == []
+    time.sleep(1.5)  # the load stops: one trim after the quiet time
+    assert calls == [0]
+    give_back.last -= 120.0  # long since the last trim: the next large batch trims at once
+    give_back.after_batch(200)
+    assert calls == [0, 0]
+    time.sleep(1.0)
+    assert calls == [0, 0]

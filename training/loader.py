@@ -87,4 +87,14 @@ def batch_loader(batches: StepBatches, start: int, stop: int, workers: int, pin_
         pin_memory=pin_memory,
         worker_init_fn=_ignore_interrupts if workers else None,
         prefetch_factor=2 if workers else None,
+        # Workers start from a clean server process, not as forks of this one: a fork copies the locks that
+        # other threads (ONNX Runtime's, OpenMP's, a web server's) hold at that moment, and can crash.
+        multiprocessing_context=_worker_context() if workers else None,
     )
+
+
+def _worker_context():
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")

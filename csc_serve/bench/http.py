@@ -84,14 +84,16 @@ def _bench(cfg: HttpBenchConfig, url: str, pid: int | None, log) -> dict[str, An
     if not meta.get("ready"):
         raise ValueError(f"{url} is not ready: {meta.get('error') or 'still loading'}")
     channels = meta["model"]["config"]["in_channels"]
-    batch = meta["settings"]["max_batch_size"]
+    settings = meta["settings"]
+    # The largest batch the service forms of these images: its image count and pixel caps.
+    batch = max(1, min(settings["max_batch_size"], settings.get("max_batch_pixels", 1 << 62) // cfg.size ** 2))
     images = _images(cfg, channels, cfg.size, max(cfg.clients, 1))
     raw = _RawBackend(meta, log)
     memory = MemorySampler(client, pid)
     memory.start()
     report: dict[str, Any] = {
         "config": asdict(cfg) | {"url": url},
-        "server": {"backend": meta["backend"], "max_batch_size": batch, "tile_size": meta["settings"]["tile_size"],
+        "server": {"backend": meta["backend"], "max_batch_size": batch, "tile_size": settings["tile_size"],
                    "weights_sha256": meta["model"]["weights_sha256"]},
         "memory_source": memory.source,
     }

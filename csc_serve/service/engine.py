@@ -175,12 +175,14 @@ class Engine:
         if count > self.settings.max_code_values:
             raise RequestError(f"image: its codes would hold {count} values, beyond the cap of "
                                f"{self.settings.max_code_values}", status=413)
-        codes = np.empty((self.config.code_channels, h, w), np.float32)
+        codes = None
         earlier = np.zeros((len(self.config.stages) - 1, 2), np.int64)  # (zeros, codes) of each earlier stage
         async for tile, result in self._tiles_or_whole("encode", image, scale, sigma, timing):
             if tile is None:
-                codes[...] = result.array
+                codes = result.array  # the batch's output, not copied
             else:
+                if codes is None:
+                    codes = np.empty((self.config.code_channels, h, w), np.float32)
                 codes[(slice(None), *tile.core_in_image(self.stride))] = \
                     result.array[(slice(None), *tile.core_in_source(self.stride))]
             earlier += np.asarray(result.zeros, np.int64).reshape(earlier.shape)

@@ -32,8 +32,8 @@ class ServeSettings:
     per thread, and ``max_batch_pixels`` bounds the pixels stacked per backend call. Images beyond
     ``tile_size^2`` pixels are cut into tiles with a margin of context (``csc_serve.service.tiling``), which costs
     that margin in extra work: a larger tile size is faster and holds more. ONNX Runtime's arena hands its
-    memory back after every run, and the C heap is trimmed after large batches
-    (``csc_serve.service.batch_call``), so the server returns to its idle size between requests. Measured with
+    memory back after every run, and the C heap is trimmed a second after large work ends
+    (``csc_serve.service.batch_call``), so the server returns near its idle size between requests. Measured with
     ``csc bench --http`` (the process tree of ``bentoml serve``).
 
     ``show_paths`` (``CSC_SHOW_PATHS``, default false): whether public answers may name filesystem paths. Off,
