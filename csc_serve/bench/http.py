@@ -93,8 +93,9 @@ def _bench(cfg: HttpBenchConfig, url: str, pid: int | None, log) -> dict[str, An
     memory.start()
     report: dict[str, Any] = {
         "config": asdict(cfg) | {"url": url},
-        "server": {"backend": meta["backend"], "max_batch_size": batch, "tile_size": settings["tile_size"],
-                   "weights_sha256": meta["model"]["weights_sha256"]},
+        "server": {"backend": meta["backend"], "max_batch_size": settings["max_batch_size"],
+                   "max_batch_pixels": settings.get("max_batch_pixels"), "batch": batch,
+                   "tile_size": settings["tile_size"], "weights_sha256": meta["model"]["weights_sha256"]},
         "memory_source": memory.source,
     }
     try:
