@@ -12,6 +12,7 @@ from csc_serve.models import ConfigError, CSCAutoencoder, CSCLayer, StageConfig,
 from csc_serve.models.grow import deepen
 
 from .conftest import tiny_config
+from .test_learned_steps import _learned_model
 
 # Float32 forms of the same iteration differ by rounding only; a few steps keep it near 1e-6.
 TOL = 1e-4
@@ -85,17 +86,9 @@ def test_the_noise_level_moves_only_noise_affine_thresholds():
         affine.encode(x, 1.0, noise=torch.zeros(3))
 
 
-def _model(thresholds: str = "shared", shift_average=True) -> CSCAutoencoder:
-    torch.manual_seed(0)
-    config = tiny_config(stages=(
-        StageConfig(num_atoms=6, kernel_size=5, stride=2, lmbda=0.05, num_steps=4, learned_steps=True),
-        StageConfig(num_atoms=8, kernel_size=1, stride=1, lmbda=0.05, num_steps=3, learned_steps=True),
-    ), nonnegative=False, shift_average=shift_average)
-    model = CSCAutoencoder(config).eval()
-    with torch.no_grad():
-        for stage in model.stages:
-            stage.step_scales.copy_(torch.rand(stage.num_steps) + 0.5)
-            stage.threshold_scales.copy_(torch.rand(stage.num_steps) + 0.5)
+def _model(thresholds: str = "shared") -> CSCAutoencoder:
+    """The learned-steps test model, with ``thresholds`` given to both stages (the same outputs)."""
+    model = _learned_model()
     return model if thresholds == "shared" else deepen(deepen(model, 0, thresholds=thresholds), 1,
                                                        thresholds=thresholds)
 
