@@ -15,7 +15,7 @@ TORCH := torch==2.13.0
 LOCK_EXTRAS := cpu,train,dev,serve,ray,client
 LOCK_VENV := build/lock-venv
 
-.PHONY: test install serve lint lock clean
+.PHONY: test install serve lint lock clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,16 @@ lock:
 	$(LOCK_VENV)/bin/python .ci/lock.py $(LOCK_EXTRAS)
 	rm -rf $(LOCK_VENV)
 	@echo "Lock written; 'make test' reinstalls .venv from it."
+
+# Everything that needs a CUDA GPU in one command (.ci/gpu-check says what): the CUDA tests, `csc bench` on the
+# CUDA backends, training throughput and a training run of GPU_TRAIN_SECONDS. It runs with the python3 of a GPU
+# machine (torch with CUDA already there) and installs nothing but the project itself.
+GPU_PYTHON ?= python3
+GPU_DATA ?= ../shared/data/cbsd432
+GPU_TRAIN_SECONDS ?= 240
+GPU_PHASES ?= checks train
+gpu-check:
+	PYTHON=$(GPU_PYTHON) DATA=$(GPU_DATA) TRAIN_SECONDS=$(GPU_TRAIN_SECONDS) .ci/gpu-check $(GPU_PHASES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
