@@ -1,4 +1,5 @@
-r"""Growing a trained model without changing what it computes: more atoms in a stage, larger atoms.
+r"""Growing a trained model: more atoms in a stage and larger atoms (computing what it computes), more FISTA
+steps and finer thresholds, a denser grid.
 
 ``widen(model, stage, factor, kernel_size)`` returns a model whose stage ``stage`` has ``factor`` times the
 atoms, each atom ``d_i`` repeated ``factor`` times, and whose next stage reads the repeated code maps. With
@@ -25,6 +26,20 @@ steps and/or learns its thresholds per atom (``StageConfig.thresholds``):
 - More steps: step ``k >= n`` (``n`` the stage's steps) takes the step size and threshold scales of step
   ``n - 1``, and FISTA's momentum runs on. The codes move (closer to the Lasso minimiser for plain steps), so
   the model needs training (``csc train --init``) to use the steps it gained.
+
+``regrid(model, stage, stride)`` puts stage ``stage``'s atoms on a grid ``k = old / new`` times denser per axis
+(``stride`` divides the stage's stride). It does not compute what ``model`` computes; it is a start for training
+(``csc train --init``):
+
+- Same atoms, same learned scalars. The old grid is a subgrid of the new one: codes placed at every ``k``-th
+  position synthesise exactly what they synthesised before (``D' E z = D z``, ``E`` the embedding), so the
+  Lasso over the denser grid reaches a lower objective than the old one.
+- ``k^2`` times the atoms overlap each pixel, so a code of the new grid carries about ``1 / k^2`` of what one of
+  the old grid did: ``lmbda`` of this stage and of every later stage (which code those codes; FISTA is
+  positively homogeneous) is multiplied by ``1 / k^2``, so the calibrated ``lmbda_scale`` of a noise level
+  stays near its best value. ``L`` of the stage is recomputed (about ``k^2`` times larger).
+- The model's total stride shrinks by ``k``, and with it the shifts that ``reconstruct`` averages: the
+  ``shift_step`` and ``shift_pattern`` kept where they still apply, else every shift of the new grid.
 
 ``perturb > 0`` breaks the symmetry that would keep the copies equal under training: copy ``j`` of atom ``i``
 moves by ``perturb * n_ij`` (Gaussian, with zero mean over the copies), then every atom goes back to unit
@@ -153,5 +168,42 @@ def deepen(
             slopes = state.pop(prefix + "threshold_slopes", torch.zeros(old.num_steps, atoms))
             state[prefix + "threshold_slopes"] = torch.cat([slopes, slopes[-1:].expand(extra, atoms)]).contiguous()
     new.load_state_dict(state, strict=True)
+    new.train(model.training)
+    return new
+
+
+def regrid(
+    model: CSCAutoencoder,
+    stage: int = 0,
+    stride: int = 1,
+    provenance: dict[str, Any] | None = None,
+) -> CSCAutoencoder:
+    """A copy of ``model`` whose stage ``stage`` (0-based) puts its atoms on a grid of stride ``stride`` (a
+    divisor of the stage's stride), ``lmbda`` of it and of every later stage divided by ``(old / stride)^2``
+    and its ``L`` recomputed (module docstring). ``provenance`` replaces the config's (default: kept)."""
+    from .config import ConfigError
+
+    stages = model.config.stages
+    if not 0 <= stage < len(stages):
+        raise ValueError(f"stage must be between 1 and {len(stages)} (the model has {len(stages)}), got {stage + 1}")
+    old = stages[stage]
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or old.stride % stride:
+        raise ValueError(f"stride must be a positive divisor of the stage's stride {old.stride}, got {stride!r}")
+    factor = (stride / old.stride) ** 2
+    grown = [dataclasses.replace(s, lmbda=s.lmbda * factor) if i >= stage else s for i, s in enumerate(stages)]
+    grown[stage] = dataclasses.replace(grown[stage], stride=stride)
+    try:  # the shift settings kept where the new total stride allows them
+        config = dataclasses.replace(model.config, stages=tuple(grown))
+    except ConfigError:
+        config = dataclasses.replace(model.config, stages=tuple(grown), shift_step=1, shift_pattern="grid")
+    if provenance is not None:
+        config = dataclasses.replace(config, provenance=provenance)
+    new = CSCAutoencoder(config).to(model.input_mean.device)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state.pop(f"stages.{stage}.lipschitz")
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if unexpected or missing != [f"stages.{stage}.lipschitz"]:
+        raise RuntimeError(f"regridding left parameters unmatched: missing {missing}, unexpected {unexpected}")
+    new.stages[stage].update_step_size()
     new.train(model.training)
     return new

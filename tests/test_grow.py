@@ -1,5 +1,6 @@
-"""Growing a model (``csc_serve.models.grow.widen``, ``csc grow``): the grown model computes what the model
-computes, its copies of an atom move apart only when asked, and bad requests are one-line errors."""
+"""Growing a model (``csc_serve.models.grow.widen``, ``regrid``, ``csc grow``): the grown model computes what the
+model computes, its copies of an atom move apart only when asked, a denser grid holds the old one, and bad
+requests are one-line errors."""
 
 import dataclasses
 import json
@@ -9,7 +10,7 @@ import torch
 
 from csc_serve.cli.main import main
 from csc_serve.models import CSCAutoencoder, StageConfig, load_pretrained
-from csc_serve.models.grow import widen
+from csc_serve.models.grow import regrid, widen
 
 from .conftest import tiny_config
 
@@ -180,3 +181,62 @@ def test_csc_grow_rejects_bad_options_in_argparse(tmp_path, capsys):
             main(["grow", "csc-ctrl-rgb", "--out", str(tmp_path / "m"), *option])
         assert exit_info.value.code == 2
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_a_denser_grid_holds_the_old_one(padding_mode, x):
+    """Codes of the old grid placed at every k-th position of the new one synthesise the same image; the
+    lmbdas of the stage and of the stages after it shrink by k^2, everything learned is kept, L is recomputed."""
+    model = _model(padding_mode)
+    dense = regrid(model, 0, 1)
+    assert [s.stride for s in dense.config.stages] == [1, 1]
+    assert [s.lmbda for s in dense.config.stages] == pytest.approx([0.05 / 4, 0.05 / 4])
+    for old, new in zip(model.stages, dense.stages):
+        for name in ("dictionary", "lmbda_weights", "step_scales", "threshold_scales"):
+            torch.testing.assert_close(getattr(new, name), getattr(old, name), atol=0, rtol=0)
+    fresh = float(dense.stages[0].lipschitz)
+    assert fresh == pytest.approx(dense.stages[0].update_step_size(), rel=1e-6)
+    assert fresh > 2 * float(model.stages[0].lipschitz)  # about k^2 = 4 times: more atoms overlap each pixel
+    with torch.no_grad():
+        codes = model.encode(x, 1.0)
+        embedded = torch.zeros(*codes.shape[:2], 2 * codes.shape[2], 2 * codes.shape[3])
+        embedded[..., ::2, ::2] = codes
+        size = tuple(x.shape[-2:])
+        torch.testing.assert_close(dense.decode(embedded, size), model.decode(codes, size), atol=TOL, rtol=0)
+        assert dense.encode(x, 1.0).shape[-2:] == embedded.shape[-2:]
+        assert torch.isfinite(dense.reconstruct(x, 1.0)).all()
+
+
+def test_regrid_keeps_the_shift_settings_where_they_still_apply():
+    base = _model()
+    stages = (dataclasses.replace(base.config.stages[0], stride=4), base.config.stages[1])
+    model = CSCAutoencoder(dataclasses.replace(base.config, stages=stages, shift_pattern="quincunx"))
+    assert len(model.config.shifts) == 8
+    half = regrid(model, 0, 2)  # 2 grid shifts per axis: the quincunx still applies
+    assert half.config.shift_pattern == "quincunx" and half.config.shifts == [(0, 0), (1, 1)]
+    full = regrid(model, 0, 1)  # stride 1: one shift, the grid
+    assert full.config.shift_pattern == "grid" and full.config.shifts == [(0, 0)]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"stride": 3}, "stride must be a positive divisor of the stage's stride 2"),
+    ({"stride": 0}, "stride must be a positive divisor"),
+    ({"stage": 2, "stride": 1}, "stage must be between 1 and 2"),
+])
+def test_bad_regrid_requests_are_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        regrid(_model(), **kwargs)
+
+
+def test_csc_grow_stride_writes_the_denser_model(tmp_path, capsys):
+    source, out = tmp_path / "source", tmp_path / "dense"
+    _model().save_pretrained(source)
+    assert main(["grow", str(source), "--out", str(out), "--stride", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 1 has 6 atoms of 5x5 at stride 1" in printed and "averages 1 shift(s)" in printed
+    dense = load_pretrained(out)
+    assert dense.config.stages[0].stride == 1 and dense.config.stages[0].num_atoms == 6
+    assert main(["grow", str(source), "--out", str(tmp_path / "bad"), "--stride", "3"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("stride must be a positive divisor of the "
+                                                                      "stage's stride 2, got 3")
+    assert not (tmp_path / "bad").exists()

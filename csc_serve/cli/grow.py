@@ -1,5 +1,5 @@
-"""``csc grow``: more atoms in a stage, larger atoms (computing what the model computes), more FISTA steps or
-per-atom thresholds (to train on)."""
+"""``csc grow``: more atoms in a stage, larger atoms (computing what the model computes), more FISTA steps,
+per-atom thresholds or a denser grid (to train on)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def _grow(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from csc_serve.model_store import resolve_model
-    from csc_serve.models.grow import deepen, widen
+    from csc_serve.models.grow import deepen, regrid, widen
 
     out = Path(args.out)
     refuse_to_overwrite(out, args.force)
@@ -25,14 +25,17 @@ def _grow(args: argparse.Namespace) -> None:
     if moved:  # the grown model's lmbda_scale 1 was moved as the source's was (csc train --init undoes it)
         provenance["reconstruction_scale_factor"] = moved
     deeper = args.steps is not None or args.thresholds is not None
-    factor = args.factor if args.factor is not None else (1 if deeper else 2)
+    factor = args.factor if args.factor is not None else (1 if deeper or args.stride is not None else 2)
     grown = widen(model, args.stage - 1, factor, args.kernel_size, args.perturb, args.seed, provenance)
     if deeper:
         grown = deepen(grown, args.stage - 1, args.steps, args.thresholds)
+    if args.stride is not None:
+        grown = regrid(grown, args.stage - 1, args.stride)
     grown.save_pretrained(out)
     stage = grown.config.stages[args.stage - 1]
-    print(f"{out}: stage {args.stage} has {stage.num_atoms} atoms of {stage.kernel_size}x{stage.kernel_size}, "
-          f"{stage.num_steps} FISTA steps, {stage.thresholds.replace('_', ' ')} thresholds")
+    print(f"{out}: stage {args.stage} has {stage.num_atoms} atoms of {stage.kernel_size}x{stage.kernel_size} at stride "
+          f"{stage.stride}, {stage.num_steps} FISTA steps, {stage.thresholds.replace('_', ' ')} thresholds; "
+          f"reconstruct averages {len(grown.config.shifts)} shift(s)")
     print(f"train it with: csc train --init {out} --data DIR --out RUN_DIR ...")
 
 
@@ -52,14 +55,17 @@ def add_grow(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for the grown model")
     p.add_argument("--stage", type=positive_int, default=1, help="the stage to grow, from 1 (default: 1)")
     p.add_argument("--factor", type=positive_int, default=None,
-                   help="copies of every atom in the stage (default: 2, twice the atoms; 1 with --steps or "
-                   "--thresholds)")
+                   help="copies of every atom in the stage (default: 2, twice the atoms; 1 with --steps, "
+                   "--thresholds or --stride)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="FISTA steps of the stage, at least its current number (default: unchanged)")
     p.add_argument("--thresholds", choices=("shared", "per_atom", "noise_affine"), default=None,
                    help="learned thresholds of the stage: one scale per step (shared), per step and atom "
                    "(per_atom), or per step and atom and affine in the noise level (noise_affine); "
                    "default: unchanged")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="new stride of the stage, a divisor of the current one: k times denser per axis, k^2 "
+                   "times the codes and about k^2 times the stage's work per shift (default: unchanged)")
     p.add_argument("--kernel-size", type=positive_int, default=None,
                    help="new odd atom size, at least the current one (default: unchanged)")
     p.add_argument("--perturb", type=nonnegative_float, default=3e-3,
