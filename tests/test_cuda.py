@@ -18,6 +18,7 @@ from csc_serve.training.presets import PRESETS
 from csc_serve.training.run import train
 
 from .conftest import tiny_config
+from .test_backends import _inputs
 from .test_training import tiny_run, weights, write_image_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,11 +33,6 @@ BF16_TOL = 0.1
 def model(request) -> CSCAutoencoder:
     torch.manual_seed(0)
     return CSCAutoencoder(tiny_config(**request.param)).eval()
-
-
-def _inputs(size: int = 24):
-    gen = np.random.default_rng(0)
-    return gen.random((3, 3, size, size + 5), dtype=np.float32), np.array([0.5, 1.0, 3.0], np.float32)
 
 
 def _calls(backend, images, scale, codes=None):
@@ -60,7 +56,7 @@ def test_cuda_backends_agree_with_eager_cpu(model, options, tol):
 
 
 def test_the_bundled_model_denoises_alike_on_cuda_and_cpu():
-    """The shipped model (learned steps, per-atom thresholds, shift averaging) on a real-sized input."""
+    """The shipped model (learned steps and thresholds, shift averaging) on a real-sized input."""
     model = load_pretrained("csc-ctrl-rgb")
     gen = np.random.default_rng(1)
     clean = gen.random((1, 3, 96, 96), dtype=np.float32)
