@@ -7,7 +7,7 @@ atoms, each atom ``d_i`` repeated ``factor`` times, and whose next stage reads t
 training can go on from it with the new capacity (``csc train --init``):
 
 - Widened stage, ``D' = [D, ..., D]`` (``c = factor`` copies) with the same per-atom weights and learned step
-  scales. ``D'^T D'`` has the nonzero spectrum of ``D' D'^T = c D D^T``, so ``L' = c L`` and ``eta' = eta / c``.
+  scales; per-atom thresholds (``tau_kj``, and ``rho_kj`` of noise-affine ones) are those of the atom copied. ``D'^T D'`` has the nonzero spectrum of ``D' D'^T = c D D^T``, so ``L' = c L`` and ``eta' = eta / c``.
   FISTA on ``D'`` keeps the ``c`` copies of a code equal; their sum ``v`` then moves as
   ``v <- prox_{eta lmbda w}(v + eta D^T (x - D v))``: the iteration of the original stage. So the copies
   of code ``i`` each hold ``z_i / c``, and ``D' z' = D z``.
@@ -101,6 +101,9 @@ def widen(
     atoms = atoms / atoms.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     state[prefix + "dictionary"] = atoms
     state[prefix + "lmbda_weights"] = state[prefix + "lmbda_weights"].repeat(factor)
+    for name in ("threshold_scales", "threshold_slopes"):  # per atom: (steps, K), every copy keeps its atom's
+        if state.get(prefix + name) is not None and state[prefix + name].dim() == 2:
+            state[prefix + name] = state[prefix + name].repeat(1, factor)
     state.pop(prefix + "lipschitz")  # recomputed for the new dictionary
     nxt = f"stages.{stage + 1}."
     if stage + 1 < len(stages):

@@ -10,7 +10,7 @@ import torch
 
 from csc_serve.cli.main import main
 from csc_serve.models import CSCAutoencoder, StageConfig, load_pretrained
-from csc_serve.models.grow import regrid, widen
+from csc_serve.models.grow import deepen, regrid, widen
 
 from .conftest import tiny_config
 
@@ -74,6 +74,24 @@ def test_widening_the_last_stage_keeps_the_reconstruction(x):
         for copy in codes.chunk(2, dim=1):
             torch.testing.assert_close(copy, old / 2, atol=TOL, rtol=0)
         torch.testing.assert_close(grown.reconstruct(x, 2.0), model.reconstruct(x, 2.0), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("thresholds", ["per_atom", "noise_affine"])
+@pytest.mark.parametrize("stage", [0, 1])
+def test_widening_keeps_per_atom_thresholds_with_their_atoms(thresholds, stage, x):
+    model = deepen(deepen(_model(), 0, thresholds=thresholds), 1, thresholds=thresholds)
+    with torch.no_grad():
+        for layer in model.stages:  # every atom its own threshold scale and noise slope
+            layer.threshold_scales.copy_(torch.rand_like(layer.threshold_scales) + 0.5)
+            if thresholds == "noise_affine":
+                layer.threshold_slopes.copy_(torch.randn_like(layer.threshold_slopes))
+    grown = widen(model, stage, 3)
+    assert grown.stages[stage].threshold_scales.shape == (model.config.stages[stage].num_steps,
+                                                         3 * model.config.stages[stage].num_atoms)
+    with torch.no_grad():
+        scale = torch.tensor([0.5, 3.0])
+        torch.testing.assert_close(grown.reconstruct(x, scale), model.reconstruct(x, scale), atol=TOL, rtol=0)
+        torch.testing.assert_close(grown.denoise(x, 20.0), model.denoise(x, 20.0), atol=TOL, rtol=0)
 
 
 def test_larger_atoms_alone_are_the_same_convolutions(x):
