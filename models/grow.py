@@ -1,5 +1,5 @@
-r"""Growing a trained model: more atoms in a stage and larger atoms (computing what it computes), more FISTA
-steps and finer thresholds, a denser grid.
+r"""Growing a trained model: more atoms in a stage and larger atoms (computing what it computes), more or fewer
+FISTA steps and finer thresholds, a denser grid.
 
 ``widen(model, stage, factor, kernel_size)`` returns a model whose stage ``stage`` has ``factor`` times the
 atoms, each atom ``d_i`` repeated ``factor`` times, and whose next stage reads the repeated code maps. With
@@ -26,6 +26,11 @@ steps and/or learns its thresholds per atom (``StageConfig.thresholds``):
 - More steps: step ``k >= n`` (``n`` the stage's steps) takes the step size and threshold scales of step
   ``n - 1``, and FISTA's momentum runs on. The codes move (closer to the Lasso minimiser for plain steps), so
   the model needs training (``csc train --init``) to use the steps it gained.
+- Fewer steps, ``m < n``: the first ``m - 1`` steps and the last one keep their learned scalars, the steps
+  between are dropped (their momentum ``beta_k`` follows the step index, as always). Learned steps give the
+  last step its own role (a final step size and threshold), which this keeps; the codes move, by little
+  where the dropped steps moved them little. Growing by ``e`` steps and trimming them again gives back the
+  model.
 
 ``regrid(model, stage, stride)`` puts stage ``stage``'s atoms on a grid ``k = old / new`` times denser per axis
 (``stride`` divides the stage's stride). It does not compute what ``model`` computes; it is a start for training
@@ -126,8 +131,8 @@ def deepen(
     thresholds: str | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> CSCAutoencoder:
-    """A copy of ``model`` whose stage ``stage`` (0-based) runs ``num_steps`` FISTA steps (default: unchanged,
-    at least the current number) with thresholds ``thresholds`` (``"shared"``, ``"per_atom"`` or
+    """A copy of ``model`` whose stage ``stage`` (0-based) runs ``num_steps`` FISTA steps (default: unchanged;
+    fewer drop the steps before the last) with thresholds ``thresholds`` (``"shared"``, ``"per_atom"`` or
     ``"noise_affine"``, at least as fine as now; default: unchanged), as the module docstring says.
     ``provenance`` replaces the config's (default: kept)."""
     from .config import THRESHOLD_MODES
@@ -137,8 +142,8 @@ def deepen(
         raise ValueError(f"stage must be between 1 and {len(stages)} (the model has {len(stages)}), got {stage + 1}")
     old = stages[stage]
     steps = old.num_steps if num_steps is None else num_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < old.num_steps:
-        raise ValueError(f"num_steps must be an integer, at least the stage's {old.num_steps}, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {steps!r}")
     mode = old.thresholds if thresholds is None else thresholds
     if mode not in THRESHOLD_MODES or THRESHOLD_MODES.index(mode) < THRESHOLD_MODES.index(old.thresholds):
         finer = THRESHOLD_MODES[THRESHOLD_MODES.index(old.thresholds):]
@@ -164,12 +169,13 @@ def deepen(
         tau = state.pop(prefix + "threshold_scales", torch.ones(old.num_steps))  # (n,) or (n, K)
         if mode != "shared" and tau.dim() == 1:
             tau = tau.view(-1, 1).expand(-1, atoms)  # (n, K): tau_kj = tau_k
-        extra = steps - old.num_steps
-        state[prefix + "step_scales"] = torch.cat([alpha, alpha[-1:].expand(extra)])
-        state[prefix + "threshold_scales"] = torch.cat([tau, tau[-1:].expand(extra, *tau.shape[1:])]).contiguous()
+        # Step k of the new stage takes the scalars of step index[k] of the old one.
+        index = list(range(min(steps, old.num_steps) - 1)) + [old.num_steps - 1] * max(1, steps - old.num_steps + 1)
+        state[prefix + "step_scales"] = alpha[index].contiguous()
+        state[prefix + "threshold_scales"] = tau[index].contiguous()
         if mode == "noise_affine":
             slopes = state.pop(prefix + "threshold_slopes", torch.zeros(old.num_steps, atoms))
-            state[prefix + "threshold_slopes"] = torch.cat([slopes, slopes[-1:].expand(extra, atoms)]).contiguous()
+            state[prefix + "threshold_slopes"] = slopes[index].contiguous()
     new.load_state_dict(state, strict=True)
     new.train(model.training)
     return new

@@ -139,12 +139,32 @@ def test_more_steps_repeat_the_last_steps_scalars_and_plain_fista_learns_them():
     plain = CSCAutoencoder(tiny_config())
     learned = deepen(plain, 1, num_steps=5)
     assert learned.config.stages[1].learned_steps and float(learned.stages[1].step_scales.detach().min()) == 1.0
-    with pytest.raises(ValueError, match="at least the stage's 4"):
-        deepen(model, 0, num_steps=3)
+    with pytest.raises(ValueError, match="num_steps must be a positive integer, got 0"):
+        deepen(model, 0, num_steps=0)
     with pytest.raises(ValueError, match="thresholds must be one of noise_affine"):
         deepen(model, 0, thresholds="per_atom")
     with pytest.raises(ValueError, match="stage must be between 1 and 2"):
         deepen(model, 2, num_steps=9)
+
+
+def test_fewer_steps_keep_the_last_steps_scalars_and_undo_more_steps():
+    model = _model("noise_affine")
+    with torch.no_grad():
+        model.stages[0].threshold_slopes.copy_(torch.randn(4, 6))
+    fewer = deepen(model, 0, num_steps=2)
+    stage, old = fewer.stages[0], model.stages[0]
+    assert fewer.config.stages[0].num_steps == 2 and len(stage.momentum) == 2
+    for name in ("step_scales", "threshold_scales", "threshold_slopes"):
+        torch.testing.assert_close(getattr(stage, name).detach(), getattr(old, name).detach()[[0, 3]])
+    images = torch.rand(2, 3, 16, 20, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([10.0, 30.0])
+    with torch.no_grad():
+        assert (fewer.reconstruct(images, 1.0, sigma=sigma) - model.reconstruct(images, 1.0, sigma=sigma)).abs().max() > 1e-4
+        back = deepen(deepen(model, 0, num_steps=9), 0, num_steps=4)  # steps added, then removed
+        torch.testing.assert_close(back.reconstruct(images, 1.0, sigma=sigma), model.reconstruct(images, 1.0, sigma=sigma))
+        torch.testing.assert_close(back.encode(images, 2.0, sigma=sigma), model.encode(images, 2.0, sigma=sigma))
+        single = deepen(model, 0, num_steps=1)  # one step: the last step's scalars alone
+        torch.testing.assert_close(single.stages[0].step_scales.detach(), old.step_scales.detach()[-1:])
 
 
 def test_config_refuses_finer_thresholds_without_learned_steps_and_writes_them_only_where_set(tmp_path):

@@ -193,6 +193,18 @@ def test_csc_grow_writes_a_model_that_loads_and_records_its_command(tmp_path, x,
     assert not missing.exists()
 
 
+def test_csc_grow_steps_below_the_current_number_trims_the_stage(tmp_path, x, capsys):
+    source, out = tmp_path / "source", tmp_path / "trimmed"
+    model = _model()
+    model.save_pretrained(source)
+    assert main(["grow", str(source), "--out", str(out), "--steps", "3"]) == 0
+    assert "3 FISTA steps" in capsys.readouterr().out
+    trimmed = load_pretrained(out)
+    assert trimmed.config.stages[0].num_steps == 3 and trimmed.config.stages[0].num_atoms == 6
+    kept = model.stages[0].step_scales.detach()[[0, 1, 4]]
+    torch.testing.assert_close(trimmed.stages[0].step_scales.detach(), kept)
+
+
 def test_csc_grow_rejects_bad_options_in_argparse(tmp_path, capsys):
     for option in (["--factor", "0"], ["--perturb", "-1"], ["--perturb", "inf"], ["--stage", "zero"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -1,5 +1,5 @@
-"""``csc grow``: more atoms in a stage, larger atoms (computing what the model computes), more FISTA steps,
-per-atom thresholds or a denser grid (to train on)."""
+"""``csc grow``: more atoms in a stage, larger atoms (computing what the model computes), more or fewer FISTA
+steps, per-atom thresholds or a denser grid (to train on)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ def add_grow(commands: argparse._SubParsersAction) -> None:
         "so that training (csc train --init OUT) can make them differ. --thresholds per_atom or noise_affine "
         "learns the threshold of every step per atom (and affine in the noise level), starting from what the "
         "model computes; --steps adds FISTA steps, which repeat the last step's learned scalars and change the "
-        "codes, so train after it. The equations are in csc_serve.models.grow.",
+        "codes, so train after it, or removes the steps before the last one (a cheaper model that computes "
+        "nearly the same where those steps moved the codes little: measure it with csc eval). The equations "
+        "are in csc_serve.models.grow.",
     )
     add_model_argument(p)
     p.add_argument("--out", required=True, help="directory for the grown model")
@@ -58,7 +60,8 @@ def add_grow(commands: argparse._SubParsersAction) -> None:
                    help="copies of every atom in the stage (default: 2, twice the atoms; 1 with --steps, "
                    "--thresholds or --stride)")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="FISTA steps of the stage, at least its current number (default: unchanged)")
+                   help="FISTA steps of the stage: more repeat the last step's scalars, fewer drop the steps "
+                   "before the last (default: unchanged)")
     p.add_argument("--thresholds", choices=("shared", "per_atom", "noise_affine"), default=None,
                    help="learned thresholds of the stage: one scale per step (shared), per step and atom "
                    "(per_atom), or per step and atom and affine in the noise level (noise_affine); "
