@@ -7,7 +7,8 @@ atoms, each atom ``d_i`` repeated ``factor`` times, and whose next stage reads t
 training can go on from it with the new capacity (``csc train --init``):
 
 - Widened stage, ``D' = [D, ..., D]`` (``c = factor`` copies) with the same per-atom weights and learned step
-  scales; per-atom thresholds (``tau_kj``, and ``rho_kj`` of noise-affine ones) are those of the atom copied. ``D'^T D'`` has the nonzero spectrum of ``D' D'^T = c D D^T``, so ``L' = c L`` and ``eta' = eta / c``.
+  scales; per-atom thresholds (``tau_kj``, and ``rho_kj`` of noise-affine ones) are those of the atom copied.
+  ``D'^T D'`` has the nonzero spectrum of ``D' D'^T = c D D^T``, so ``L' = c L`` and ``eta' = eta / c``.
   FISTA on ``D'`` keeps the ``c`` copies of a code equal; their sum ``v`` then moves as
   ``v <- prox_{eta lmbda w}(v + eta D^T (x - D v))``: the iteration of the original stage. So the copies
   of code ``i`` each hold ``z_i / c``, and ``D' z' = D z``.
