@@ -178,11 +178,13 @@ def test_a_noise_adaptive_model_is_served_with_its_noise_level(tmp_path):
 def test_the_openapi_example_of_metadata_names_the_bundled_model():
     from csc_serve.models.serialization import read_config
     from csc_serve.service.api import METADATA_EXAMPLE
+    from csc_serve.service.tiling import receptive_margin
 
     config, document = read_config(ROOT / "models" / "pretrained" / "csc-ctrl-rgb")
     example = METADATA_EXAMPLE["model"]
     assert example["weights_sha256"] == document["weights_sha256"][:8] + "..."
     assert example["code_channels"] == config.code_channels and example["total_stride"] == config.total_stride
+    assert example["tile_margin"] == receptive_margin(config)
 
 
 def test_the_heap_is_trimmed_once_large_work_ends_and_seldom_under_load(monkeypatch):
