@@ -124,10 +124,16 @@ def test_denoise_passes_its_noise_level_to_the_thresholds():
         model.reconstruct(images, 1.0, sigma=torch.zeros(3))
 
 
-def test_more_steps_repeat_the_last_steps_scalars_and_plain_fista_learns_them():
+def _sloped_model() -> CSCAutoencoder:
+    """A noise-affine model whose first stage has a different slope for every step and atom."""
     model = _model("noise_affine")
     with torch.no_grad():
         model.stages[0].threshold_slopes.copy_(torch.randn(4, 6))
+    return model
+
+
+def test_more_steps_repeat_the_last_steps_scalars_and_plain_fista_learns_them():
+    model = _sloped_model()
     deeper = deepen(model, 0, num_steps=7)
     stage, old = deeper.stages[0], model.stages[0]
     assert deeper.config.stages[0].num_steps == 7 and stage.num_steps == 7 and len(stage.momentum) == 7
@@ -148,9 +154,7 @@ def test_more_steps_repeat_the_last_steps_scalars_and_plain_fista_learns_them():
 
 
 def test_fewer_steps_keep_the_last_steps_scalars_and_undo_more_steps():
-    model = _model("noise_affine")
-    with torch.no_grad():
-        model.stages[0].threshold_slopes.copy_(torch.randn(4, 6))
+    model = _sloped_model()
     fewer = deepen(model, 0, num_steps=2)
     stage, old = fewer.stages[0], model.stages[0]
     assert fewer.config.stages[0].num_steps == 2 and len(stage.momentum) == 2
