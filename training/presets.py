@@ -7,15 +7,15 @@ from csc_serve.models import CSCConfig, StageConfig
 PRESETS: dict[str, CSCConfig] = {
     # The architecture of the bundled default model, csc-ctrl-rgb (models/pretrained/README.md: how it was
     # trained and measured), and what `csc train` builds without --preset: 256 colour atoms of 9x9 on a stride-4
-    # grid with 5 learned FISTA steps, then 128 1x1 atoms over their codes with 2, every step with a learned
+    # grid with 4 learned FISTA steps, then 128 1x1 atoms over their codes with 8, every step with a learned
     # step size and a learned threshold per atom; reconstruct and denoise average 8 of the 16 shifts of the
     # grid (quincunx).
     "csc-ctrl-rgb": CSCConfig(
         in_channels=3,
         stages=(
-            StageConfig(num_atoms=256, kernel_size=9, stride=4, lmbda=0.01, num_steps=5, learned_steps=True,
+            StageConfig(num_atoms=256, kernel_size=9, stride=4, lmbda=0.01, num_steps=4, learned_steps=True,
                         thresholds="per_atom"),
-            StageConfig(num_atoms=128, kernel_size=1, stride=1, lmbda=0.01, num_steps=2, learned_steps=True,
+            StageConfig(num_atoms=128, kernel_size=1, stride=1, lmbda=0.01, num_steps=8, learned_steps=True,
                         thresholds="per_atom"),
         ),
         nonnegative=False,
