@@ -151,3 +151,31 @@ def test_malformed_configs_are_refused_with_the_reason(change, message):
 def test_stage_config_accepts_only_valid_stages():
     with pytest.raises(ConfigError, match="stride"):
         StageConfig(num_atoms=4, kernel_size=3, stride=5)
+
+
+def _in_colour_space(model: CSCAutoencoder, q: torch.Tensor) -> CSCAutoencoder:
+    """A copy of ``model`` whose stage-1 atoms and input mean live in the colour space ``q @ rgb``."""
+    out = CSCAutoencoder(model.config)
+    out.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        first = out.stages[0].dictionary
+        first.copy_(torch.einsum("ck,akij->acij", q, first))
+        out.input_mean.copy_(torch.einsum("ck,bkij->bcij", q, out.input_mean))
+    return out.eval()
+
+
+def test_an_orthonormal_colour_map_changes_nothing_a_skewed_one_does():
+    # Signed codes: the data term, D^T x, the Gram D^T D and each FISTA step are invariant when an orthonormal
+    # colour map moves the image and the atoms together (the colour row of models/pretrained/README.md).
+    model = CSCAutoencoder.from_pretrained("csc-ctrl-rgb")
+    assert model.config.nonnegative is False
+    x = torch.rand(1, 3, 36, 44, generator=torch.Generator().manual_seed(0))
+    opponent = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, -1.0], [1.0, -2.0, 1.0]])
+    opponent = opponent / opponent.norm(dim=1, keepdim=True)  # CBM3D's opponent transform, orthonormal rows
+    ycbcr = torch.tensor([[0.299, 0.587, 0.114], [-0.169, -0.331, 0.5], [0.5, -0.419, -0.081]])
+    with torch.no_grad():
+        rgb = model.denoise(x, 25.0)
+        for q, same in ((opponent, True), (ycbcr, False)):
+            back = torch.linalg.solve(q, _in_colour_space(model, q).denoise(torch.einsum("ck,bkij->bcij", q, x), 25.0)
+                                      .flatten(2)).unflatten(2, x.shape[-2:])
+            assert bool((back - rgb).abs().max() < 1e-5) is same

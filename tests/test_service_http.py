@@ -119,7 +119,8 @@ def test_float_arrays_go_through_unrounded_and_match_the_backend(server, backend
     reply = post(server, "/denoise", files={"image": ("x.npy", npy(x))}, data={"sigma": "25", "output": "npy"})
     scale = float(reply.headers["x-csc-lmbda-scale"])
     assert reply.headers["x-csc-sigma"] == "25" and scale > 1
-    np.testing.assert_allclose(as_array(reply), backend.reconstruct(x[None], scale)[0], atol=SAME_TOL, rtol=0)
+    np.testing.assert_allclose(as_array(reply), backend.reconstruct(x[None], scale, sigma=25)[0], atol=SAME_TOL,
+                               rtol=0)
     dense = as_array(post(server, "/encode", files={"image": ("x.npy", npy(x))}, data={"output": "npy"}))
     np.testing.assert_allclose(dense, backend.encode(x[None], 1.0)[0], atol=SAME_TOL, rtol=0)
     blind = post(server, "/denoise", files={"image": ("x.npy", npy(x))})
