@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -153,15 +155,19 @@ def test_stage_config_accepts_only_valid_stages():
         StageConfig(num_atoms=4, kernel_size=3, stride=5)
 
 
+def _mapped(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``q`` (3, 3) applied to the colour vector of every pixel of ``x`` (B, 3, H, W)."""
+    return torch.einsum("ck,bkij->bcij", q, x)
+
+
 def _in_colour_space(model: CSCAutoencoder, q: torch.Tensor) -> CSCAutoencoder:
     """A copy of ``model`` whose stage-1 atoms and input mean live in the colour space ``q @ rgb``."""
-    out = CSCAutoencoder(model.config)
-    out.load_state_dict(model.state_dict())
+    out = copy.deepcopy(model)
     with torch.no_grad():
         first = out.stages[0].dictionary
-        first.copy_(torch.einsum("ck,akij->acij", q, first))
-        out.input_mean.copy_(torch.einsum("ck,bkij->bcij", q, out.input_mean))
-    return out.eval()
+        first.copy_(_mapped(q, first))  # (atoms, 3, k, k): the colour axis is the second, as in images
+        out.input_mean.copy_(_mapped(q, out.input_mean))
+    return out
 
 
 def test_an_orthonormal_colour_map_changes_nothing_a_skewed_one_does():
@@ -176,6 +182,5 @@ def test_an_orthonormal_colour_map_changes_nothing_a_skewed_one_does():
     with torch.no_grad():
         rgb = model.denoise(x, 25.0)
         for q, same in ((opponent, True), (ycbcr, False)):
-            back = torch.linalg.solve(q, _in_colour_space(model, q).denoise(torch.einsum("ck,bkij->bcij", q, x), 25.0)
-                                      .flatten(2)).unflatten(2, x.shape[-2:])
+            back = _mapped(torch.linalg.inv(q), _in_colour_space(model, q).denoise(_mapped(q, x), 25.0))
             assert bool((back - rgb).abs().max() < 1e-5) is same
