@@ -57,7 +57,7 @@ IMAGE_OUTPUT = Field("png", examples=["png", "npy"],
 METADATA_EXAMPLE = {
     "ready": True, "error": None,
     "model": {"reference": "csc-ctrl-rgb", "kind": "bundled", "tag": None, "directory": "<hidden>",
-              "weights_sha256": "81897f44...", "config": {"in_channels": 3, "stages": ["..."]}, "total_stride": 4,
+              "weights_sha256": "0e836ec9...", "config": {"in_channels": 3, "stages": ["..."]}, "total_stride": 4,
               "code_channels": 128, "tile_margin": 36},
     "backend": {"backend": "onnxruntime", "device": "cpu", "precision": "float32", "threads": 2,
                 "artifacts": "<hidden>"},
