@@ -82,6 +82,7 @@ class CSCAutoencoder(nn.Module):
                 mu=stage.mu,
                 learned_steps=stage.learned_steps,
                 thresholds=stage.thresholds,
+                neighbourhood=stage.neighbourhood,
             )
             for i, stage in enumerate(config.stages)
         )

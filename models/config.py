@@ -51,7 +51,9 @@ class StageConfig:
     FISTA step has a learned step size and threshold scale (``CSCLayer``); off, plain FISTA. ``thresholds``
     (with learned steps): ``"shared"``, one threshold scale per step for every atom; ``"per_atom"``, one per
     step and atom; ``"noise_affine"``, per step and atom and affine in the noise level of the input
-    (``csc_serve.models.fista``)."""
+    (``csc_serve.models.fista``). ``neighbourhood`` ``n`` (odd, with per-atom thresholds; 0: off) scales the
+    threshold of every code by the energy of its ``n x n`` neighbourhood on the code grid, with a learned
+    exponent per step and atom: a reweighted l1 step (``csc_serve.models.fista``)."""
 
     num_atoms: int
     kernel_size: int
@@ -61,6 +63,7 @@ class StageConfig:
     mu: float = 0.0
     learned_steps: bool = False
     thresholds: str = "shared"
+    neighbourhood: int = 0
 
     def __post_init__(self) -> None:
         _check_int("num_atoms", self.num_atoms, 1)
@@ -79,6 +82,11 @@ class StageConfig:
             raise ConfigError(f"thresholds must be one of {THRESHOLD_MODES}, got {self.thresholds!r}")
         if self.thresholds != "shared" and not self.learned_steps:
             raise ConfigError(f"thresholds {self.thresholds!r} needs learned_steps")
+        _check_int("neighbourhood", self.neighbourhood, 0)
+        if self.neighbourhood and self.neighbourhood % 2 == 0:
+            raise ConfigError(f"neighbourhood must be 0 or odd, got {self.neighbourhood}")
+        if self.neighbourhood and self.thresholds == "shared":
+            raise ConfigError("neighbourhood needs per-atom thresholds (thresholds 'per_atom' or 'noise_affine')")
 
     @property
     def noise_adaptive(self) -> bool:
@@ -183,8 +191,9 @@ class CSCConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        # learned_steps and thresholds are written only where set: a plain model's config reads as it always has.
-        defaults = {"learned_steps": False, "thresholds": "shared"}
+        # learned_steps, thresholds and neighbourhood are written only where set: a plain model's config reads as
+        # it always has.
+        defaults = {"learned_steps": False, "thresholds": "shared", "neighbourhood": 0}
         out["stages"] = [{k: v for k, v in dataclasses.asdict(s).items() if k not in defaults or v != defaults[k]}
                          for s in self.stages]
         if self.shift_step == 1:  # written only where set, as learned_steps

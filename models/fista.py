@@ -21,6 +21,20 @@ noise std, on the scale of its values), as in CDLNet::
 
     prox threshold of atom j at step k:   eta_k lmbda w_j lmbda_scale_b relu(tau_kj + rho_kj sigma_b)
 
+A layer with a ``neighbourhood`` ``n`` (``StageConfig.neighbourhood``, per-atom thresholds only) also learns an
+exponent ``gamma_kj`` per step and atom, and the threshold ``t_kj`` above becomes one per code position
+``p``, set by the energy of the gradient step ``v`` over the ``n x n`` positions ``N(p)`` around ``p`` (those
+inside the code map)::
+
+    s_jp     = sqrt( mean_{q in N(p)} v_jq^2 )
+    t_kjp    = t_kj exp( gamma_kj clip( log((t_kj + 1e-8) / (s_jp + 1e-8)), -3, 3 ) )
+
+so that ``t_kjp = t_kj (t_kj / s_jp)^gamma_kj`` within the clip: with ``gamma > 0`` a code whose neighbours
+carry energy well above the threshold (an edge or a texture that spans several positions) is thresholded
+less, and an isolated one (noise) more. Each step is then the proximal-gradient step of a weighted Lasso
+whose weights come from the current iterate (a reweighted l1 step); ``gamma = 0`` is the Lasso above.
+The energy is computed in float32 whatever the dtype of the codes.
+
 The forms write it differently:
 
 - ``"training"`` (``training_form``): as above, with the soft threshold ``relu(v - t) - relu(-v - t)``:
@@ -148,6 +162,8 @@ class ConvLasso:
     ``(num_steps,)``; per-atom thresholds: ``(num_steps, K)``), or ``None`` for plain FISTA (both 1).
     ``threshold_slopes``: ``rho_kj`` of noise-affine thresholds, ``(num_steps, K)``, or ``None``; ``noise``:
     ``sigma_b`` of every sample, ``(B,)`` on the scale of the input's values (``None``: 0).
+    ``threshold_exponents``: ``gamma_kj``, ``(num_steps, K)``, and ``neighbourhood`` its window ``n``, or
+    ``None`` and 0 (thresholds that do not depend on the position).
     """
 
     analysis: Operator
@@ -162,6 +178,8 @@ class ConvLasso:
     threshold_scales: torch.Tensor | None = None
     threshold_slopes: torch.Tensor | None = None
     noise: torch.Tensor | None = None
+    threshold_exponents: torch.Tensor | None = None
+    neighbourhood: int = 0
 
     @property
     def per_atom(self) -> bool:
@@ -187,6 +205,23 @@ class ConvLasso:
 
 def _times(value: torch.Tensor, factor: torch.Tensor | float | None) -> torch.Tensor:
     return value if factor is None else value * factor
+
+
+def local_thresholds(v: torch.Tensor, t: torch.Tensor, exponent: torch.Tensor, window: int) -> torch.Tensor:
+    """The per-position thresholds ``t_kjp`` of one step (module docstring): ``v`` the gradient step (B, K, H, W),
+    ``t`` the step's thresholds (B or 1, K, 1, 1), ``exponent`` its ``gamma_kj`` (K,)."""
+    v32, t32 = v.float(), t.float()
+    energy = F.avg_pool2d(v32 * v32, window, 1, window // 2, count_include_pad=False)
+    spread = (energy + 1e-12).sqrt()
+    ratio = ((t32 + 1e-8) / (spread + 1e-8)).log().clamp(-3.0, 3.0)
+    return (t32 * torch.exp(exponent.float().view(1, -1, 1, 1) * ratio)).to(v.dtype)
+
+
+def _step_thresholds(v: torch.Tensor, t: torch.Tensor, lasso: ConvLasso, k: int) -> torch.Tensor:
+    """``t`` itself, or per position where the layer has a neighbourhood."""
+    if lasso.threshold_exponents is None:
+        return t
+    return local_thresholds(v, t, lasso.threshold_exponents[k], lasso.neighbourhood)
 
 
 def _iterate(
@@ -228,7 +263,7 @@ def training_form(x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor, l
         return (1.0 - eta_k * lasso.mu) * y - eta_k * analysis(synthesis(y, weight), weight) + _times(b, alphas[k])
 
     def prox(v: torch.Tensor, k: int) -> torch.Tensor:
-        t = _times(thresh, thresh_factors[k])
+        t = _step_thresholds(v, _times(thresh, thresh_factors[k]), lasso, k)
         if lasso.nonnegative:
             return F.relu(v - t)
         return F.relu(v - t) - F.relu(-v - t)
@@ -242,7 +277,7 @@ def folded_form(x: torch.Tensor, weight: torch.Tensor, thresh: torch.Tensor, las
     _, thresh_factors = lasso.step_factors(x.dtype)
 
     def prox(v: torch.Tensor, k: int) -> torch.Tensor:
-        t = _times(thresh, thresh_factors[k])
+        t = _step_thresholds(v, _times(thresh, thresh_factors[k]), lasso, k)
         if lasso.nonnegative:
             return F.relu(v - t)
         return v - torch.minimum(torch.maximum(v, -t), t)

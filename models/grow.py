@@ -24,6 +24,8 @@ steps and/or learns its thresholds per atom (``StageConfig.thresholds``):
 
 - ``"shared"`` to ``"per_atom"``: ``tau_kj = tau_k`` for every atom; to ``"noise_affine"``: also ``rho_kj = 0``.
   Both compute exactly what ``model`` computes.
+- A ``neighbourhood`` (``StageConfig.neighbourhood``) added with exponents ``gamma_kj = 0``: the same outputs
+  until trained. A new window keeps the learned exponents (the outputs move); 0 removes them.
 - More steps: step ``k >= n`` (``n`` the stage's steps) takes the step size and threshold scales of step
   ``n - 1``, and FISTA's momentum runs on. The codes move (closer to the Lasso minimiser for plain steps), so
   the model needs training (``csc train --init``) to use the steps it gained.
@@ -107,7 +109,8 @@ def widen(
     atoms = atoms / atoms.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     state[prefix + "dictionary"] = atoms
     state[prefix + "lmbda_weights"] = state[prefix + "lmbda_weights"].repeat(factor)
-    for name in ("threshold_scales", "threshold_slopes"):  # per atom: (steps, K), every copy keeps its atom's
+    for name in ("threshold_scales", "threshold_slopes", "threshold_exponents"):  # per atom: (steps, K), every
+        # copy keeps its atom's (copies hold z / c with thresholds over c: the neighbourhood ratios stay)
         if state.get(prefix + name) is not None and state[prefix + name].dim() == 2:
             state[prefix + name] = state[prefix + name].repeat(1, factor)
     state.pop(prefix + "lipschitz")  # recomputed for the new dictionary
@@ -131,11 +134,13 @@ def deepen(
     num_steps: int | None = None,
     thresholds: str | None = None,
     provenance: dict[str, Any] | None = None,
+    neighbourhood: int | None = None,
 ) -> CSCAutoencoder:
     """A copy of ``model`` whose stage ``stage`` (0-based) runs ``num_steps`` FISTA steps (default: unchanged;
     fewer drop the steps before the last) with thresholds ``thresholds`` (``"shared"``, ``"per_atom"`` or
-    ``"noise_affine"``, at least as fine as now; default: unchanged), as the module docstring says.
-    ``provenance`` replaces the config's (default: kept)."""
+    ``"noise_affine"``, at least as fine as now; default: unchanged) and the threshold neighbourhood
+    ``neighbourhood`` (default: unchanged), as the module docstring says. ``provenance`` replaces the config's
+    (default: kept)."""
     from .config import THRESHOLD_MODES
 
     stages = model.config.stages
@@ -154,8 +159,9 @@ def deepen(
     else:
         learned = old
     grown = list(stages)
-    grown[stage] = dataclasses.replace(learned, num_steps=steps, thresholds=mode)
-    config = dataclasses.replace(model.config, stages=tuple(grown))
+    window = old.neighbourhood if neighbourhood is None else neighbourhood
+    grown[stage] = dataclasses.replace(learned, num_steps=steps, thresholds=mode, neighbourhood=window)
+    config = dataclasses.replace(model.config, stages=tuple(grown))  # ConfigError for a bad window
     if provenance is not None:
         config = dataclasses.replace(config, provenance=provenance)
     new = CSCAutoencoder(config).to(model.input_mean.device)
@@ -177,6 +183,9 @@ def deepen(
         if mode == "noise_affine":
             slopes = state.pop(prefix + "threshold_slopes", torch.zeros(old.num_steps, atoms))
             state[prefix + "threshold_slopes"] = slopes[index].contiguous()
+        exponents = state.pop(prefix + "threshold_exponents", torch.zeros(old.num_steps, atoms))
+        if window:
+            state[prefix + "threshold_exponents"] = exponents[index].contiguous()
     new.load_state_dict(state, strict=True)
     new.train(model.training)
     return new

@@ -49,19 +49,13 @@ class CSCLayer(nn.Module):
         z_k     = prox_{eta * lmbda * w}( (1 - eta * mu) * y_k - eta * D^T D y_k + eta * D^T x )
         y_{k+1} = z_k + beta_k * (z_k - z_{k-1})
 
-    With ``learned_steps`` every step ``k`` has its own learned step size and threshold (analytic-LISTA
-    style: two scalars per step, the dictionary unchanged), ``alpha_k = step_scales[k]`` and
-    ``tau_k = threshold_scales[k]``, both starting at 1 (plain FISTA):
-
-        z_k     = prox_{eta_k * tau_k * lmbda * w}( (1 - eta_k * mu) * y_k - eta_k * D^T D y_k + eta_k * D^T x ),
-        eta_k   = alpha_k / (L + mu)
-
-    from ``z_0 = y_1 = 0``. With ``thresholds="per_atom"`` the threshold scale is learned per step and atom,
-    ``tau_kj = threshold_scales[k, j]``; with ``"noise_affine"`` it also moves with the noise std ``sigma_b``
-    of each sample (``encode(..., noise=)``, on the scale of the input's values), with a learned slope
-    ``rho_kj = threshold_slopes[k, j]`` starting at 0:
-
-        threshold of atom j at step k  =  eta_k * lmbda * w_j * lmbda_scale_b * relu(tau_kj + rho_kj * sigma_b)
+    With ``learned_steps`` step ``k`` has its own step ``eta_k = alpha_k / (L + mu)`` and threshold scale ``tau_k``
+    (``step_scales[k]``, ``threshold_scales[k]``; analytic LISTA: the dictionary unchanged, 1 and 1 is plain
+    FISTA). ``thresholds="per_atom"`` learns ``tau_kj`` per step and atom, ``"noise_affine"`` also a slope
+    ``rho_kj = threshold_slopes[k, j]`` on the noise std ``sigma_b`` of each sample (``encode(..., noise=)``),
+    and ``neighbourhood`` ``n`` an exponent ``gamma_kj = threshold_exponents[k, j]`` on the energy of the
+    ``n x n`` codes around each code (a reweighted l1 step). Slopes and exponents start at 0; the equations are
+    in ``csc_serve.models.fista``.
 
     ``prox`` is the soft threshold of code map ``k`` at ``eta * lmbda * w_k`` (or
     ``relu(v - eta * lmbda * w_k)`` for non-negative codes). The weights ``w = lmbda_weights`` (one per atom,
@@ -86,6 +80,7 @@ class CSCLayer(nn.Module):
         mu: float = 0.0,
         learned_steps: bool = False,
         thresholds: str = "shared",
+        neighbourhood: int = 0,
     ):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -104,6 +99,8 @@ class CSCLayer(nn.Module):
             raise ValueError(f"thresholds must be 'shared', 'per_atom' or 'noise_affine', got {thresholds!r}")
         if thresholds != "shared" and not learned_steps:
             raise ValueError(f"thresholds {thresholds!r} needs learned_steps")
+        if neighbourhood < 0 or (neighbourhood and (neighbourhood % 2 == 0 or thresholds == "shared")):
+            raise ValueError(f"neighbourhood must be 0 or odd, with per-atom thresholds, got {neighbourhood}")
         self.in_channels = in_channels
         self.num_atoms = num_atoms
         self.kernel_size = kernel_size
@@ -115,6 +112,7 @@ class CSCLayer(nn.Module):
         self.mu = float(mu)
         self.learned_steps = bool(learned_steps)
         self.thresholds = thresholds
+        self.neighbourhood = int(neighbourhood)
         self.padding = (kernel_size - 1) // 2
         # Fine enough to sample the Fourier symbol of D^T D near its peak.
         self.power_grid = max(32, 4 * -(-kernel_size // stride))
@@ -129,6 +127,8 @@ class CSCLayer(nn.Module):
             self.threshold_scales = nn.Parameter(torch.ones(num_steps, *per_atom))
         if thresholds == "noise_affine":  # rho_kj
             self.threshold_slopes = nn.Parameter(torch.zeros(num_steps, num_atoms))
+        if self.neighbourhood:  # gamma_kj
+            self.threshold_exponents = nn.Parameter(torch.zeros(num_steps, num_atoms))
         # Largest eigenvalue of D^T D (a bound for every image size); the FISTA step is 1 / (L + mu).
         # Computed on first use (or loaded with the weights), so building a model to load into is cheap.
         self.register_buffer("lipschitz", torch.ones(()))
@@ -312,14 +312,11 @@ class CSCLayer(nn.Module):
         return self.lmbda
 
     def threshold_parameters(self) -> list[nn.Parameter]:
-        """The learned parameters of the thresholds and steps: ``lmbda_weights`` (and, with learned steps,
-        ``step_scales`` and ``threshold_scales``; noise-affine, ``threshold_slopes``)."""
-        params = [self.lmbda_weights]
-        if self.learned_steps:
-            params += [self.step_scales, self.threshold_scales]
-        if self.noise_adaptive:
-            params.append(self.threshold_slopes)
-        return params
+        """The learned parameters of the thresholds and steps: ``lmbda_weights``, then whichever of ``step_scales``,
+        ``threshold_scales``, ``threshold_slopes`` (noise-affine) and ``threshold_exponents`` (neighbourhood) the
+        layer has."""
+        names = ("step_scales", "threshold_scales", "threshold_slopes", "threshold_exponents")
+        return [self.lmbda_weights] + [getattr(self, name) for name in names if hasattr(self, name)]
 
     def threshold(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None) -> torch.Tensor:
         """Per-sample, per-atom prox threshold ``eta * lmbda * w_k * lmbda_scale``, shape (B, K, 1, 1)."""
@@ -342,9 +339,11 @@ class CSCLayer(nn.Module):
         every sample, (B,) (noise-affine thresholds)."""
         scales = (self.step_scales, self.threshold_scales) if self.learned_steps else (None, None)
         slopes = self.threshold_slopes if self.noise_adaptive else None
+        exponents = self.threshold_exponents if self.neighbourhood else None
         if detach and self.learned_steps:
             scales = tuple(t.detach() for t in scales)
             slopes = None if slopes is None else slopes.detach()
+            exponents = None if exponents is None else exponents.detach()
         return ConvLasso(
             analysis=self._analysis,
             synthesis=self._synthesis,
@@ -358,6 +357,8 @@ class CSCLayer(nn.Module):
             threshold_scales=scales[1],
             threshold_slopes=slopes,
             noise=noise if slopes is not None else None,
+            threshold_exponents=exponents,
+            neighbourhood=self.neighbourhood,
         )
 
     def encode(self, x: torch.Tensor, lmbda_scale: torch.Tensor | float | None = None,

@@ -33,9 +33,11 @@ def _layer(thresholds: str, kernel_size=5, stride=1, nonnegative=False, num_step
 
 
 @torch.no_grad()
-def _reference(layer: CSCLayer, x: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def _reference(layer: CSCLayer, x: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor,
+               per_position=None) -> torch.Tensor:
     """The docstring's equations written out, sample by sample: threshold of atom j at step k is
-    eta_k lmbda w_j s_b relu(tau_kj + rho_kj sigma_b)."""
+    eta_k lmbda w_j s_b relu(tau_kj + rho_kj sigma_b); ``per_position(v, thresh, k)``, where given, turns it into
+    the thresholds of every position from the gradient step ``v``."""
     eta0 = float(layer.step_size)
     alpha, tau = layer.step_scales.detach(), layer.threshold_scales.detach()
     rho = layer.threshold_slopes.detach() if layer.noise_adaptive else torch.zeros_like(tau)
@@ -51,6 +53,8 @@ def _reference(layer: CSCLayer, x: torch.Tensor, scale: torch.Tensor, noise: tor
             v = y - eta * grad
             factor = F.relu(tau[k] + rho[k] * float(noise[b]))
             thresh = (eta * layer.lmbda * w * float(scale[b]) * factor).view(1, -1, 1, 1)
+            if per_position is not None:
+                thresh = per_position(v, thresh, k)
             z_prev = z
             z = F.relu(v - thresh) if layer.nonnegative else torch.sign(v) * F.relu(v.abs() - thresh)
             t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0

@@ -8,15 +8,16 @@ PRESETS: dict[str, CSCConfig] = {
     # The architecture of the bundled default model, csc-ctrl-rgb (models/pretrained/README.md: how it was
     # trained and measured), and what `csc train` builds without --preset: 256 colour atoms of 9x9 on a stride-4
     # grid with 4 learned FISTA steps, then 128 1x1 atoms over their codes with 8, every step with a learned
-    # step size and a learned threshold per atom, affine in the noise level; reconstruct and denoise average 8
-    # of the 16 shifts of the grid (quincunx).
+    # step size and a learned threshold per atom, affine in the noise level, the second stage's thresholds also
+    # set per position by the 3x3 codes around each code; reconstruct and denoise average 8 of the 16 shifts of
+    # the grid (quincunx).
     "csc-ctrl-rgb": CSCConfig(
         in_channels=3,
         stages=(
             StageConfig(num_atoms=256, kernel_size=9, stride=4, lmbda=0.01, num_steps=4, learned_steps=True,
                         thresholds="noise_affine"),
             StageConfig(num_atoms=128, kernel_size=1, stride=1, lmbda=0.01, num_steps=8, learned_steps=True,
-                        thresholds="noise_affine"),
+                        thresholds="noise_affine", neighbourhood=3),
         ),
         nonnegative=False,
         input_mean=(0.5, 0.5, 0.5),

@@ -36,6 +36,8 @@ def receptive_margin(config: CSCConfig) -> int:
     for stage in config.stages:
         reach = (stage.kernel_size - 1) // 2 * grid  # one convolution, in image pixels
         radius += (2 * stage.num_steps - 1) * reach + reach  # the encoder's steps, then the decoder
+        # Per-position thresholds read the codes around each code at every step (StageConfig.neighbourhood).
+        radius += stage.num_steps * (stage.neighbourhood // 2) * grid * stage.stride
         grid *= stage.stride
     stride = config.total_stride
     if config.shift_average and stride > 1:
